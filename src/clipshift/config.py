@@ -1,0 +1,455 @@
+"""Every knob of the pipeline, declared once.
+
+Each stage has one pydantic model. The same models are the Prefect flow parameters (so the
+UI draws a form with defaults and descriptions) and the schema of ``params.yaml``. Unknown
+keys, wrong types and out-of-range values fail here, before any work starts, with a message
+that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from clipshift.errors import ConfigError
+
+STYLE_NAMES = (
+    "twemoji",
+    "openmoji",
+    "fluent",
+    "noto",
+    "noto_line",
+    "fluent_line",
+    "silhouette",
+    "grayscale",
+    "corrupt",
+)
+Style = Literal[
+    "twemoji",
+    "openmoji",
+    "fluent",
+    "noto",
+    "noto_line",
+    "fluent_line",
+    "silhouette",
+    "grayscale",
+    "corrupt",
+]
+
+
+class StrictModel(BaseModel):
+    """Base for all config sections: unknown keys are errors, values are re-validated on set."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------------------------
+# fetch
+
+
+class WorldConfig(StrictModel):
+    """The built-in emoji world: a small DomainNet made of open-licensed emoji art."""
+
+    image_size: int = Field(32, ge=16, le=512, description="Side of every rendered image, px.")
+    num_classes: int = Field(
+        100, ge=2, le=1000, description="Classes of the reference task (emoji present in all styles)."
+    )
+    reference_style: Style = Field("twemoji", description="Style of the train/val/test splits.")
+    shift_styles: list[Style] = Field(
+        default_factory=lambda: ["openmoji", "fluent", "noto", "noto_line", "silhouette", "corrupt"],
+        description="One shift test set per style, on the task's classes.",
+    )
+    train_per_class: int = Field(24, ge=1, le=10000, description="Reference train images per class.")
+    val_per_class: int = Field(6, ge=1, le=10000, description="Reference val images per class.")
+    test_per_class: int = Field(10, ge=1, le=10000, description="Reference test images per class.")
+    shift_per_class: int = Field(10, ge=1, le=10000, description="Images per class in each shift.")
+    pool_size: int = Field(
+        12000, ge=10, le=10_000_000, description="Image-caption pairs in each pretraining pool."
+    )
+    diverse_styles: list[Style] = Field(
+        default_factory=lambda: ["twemoji", "openmoji", "noto", "noto_line", "fluent_line"],
+        description="Styles mixed in the 'diverse' pool.",
+    )
+    narrow_styles: list[Style] = Field(
+        default_factory=lambda: ["twemoji"], description="Styles of the 'narrow' pool."
+    )
+    retrieval_size: int = Field(
+        500, ge=10, le=1_000_000, description="Held-out image-caption pairs for retrieval eval."
+    )
+    caption_noise: float = Field(
+        0.2, ge=0.0, le=1.0, description="Fraction of pool captions made noisy (alt-text-like)."
+    )
+    shard_size: int = Field(2000, ge=1, le=1_000_000, description="Samples per webdataset shard.")
+
+    @model_validator(mode="after")
+    def _reference_not_a_shift(self) -> WorldConfig:
+        if self.reference_style in self.shift_styles:
+            raise ValueError(
+                f"fetch.world.shift_styles contains the reference style "
+                f"'{self.reference_style}'; a shift must differ from the reference"
+            )
+        if not self.diverse_styles or not self.narrow_styles:
+            raise ValueError("fetch.world.diverse_styles and narrow_styles must not be empty")
+        return self
+
+
+class SourceConfig(StrictModel):
+    """An external data source, given by URI, that fetch normalises into webdataset shards."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Dataset name in data/.")
+    uri: str = Field(
+        ...,
+        description="local path, s3://bucket/key, https://… (with sha256), shard brace pattern "
+        "like s3://b/{00000..00099}.tar, or an ImageFolder directory.",
+    )
+    role: Literal["pool", "shift", "test", "val", "train", "retrieval"] = Field(
+        "shift", description="What the dataset is for in the study."
+    )
+    format: Literal["auto", "webdataset", "imagefolder", "file"] = Field(
+        "auto", description="How to read the source; auto guesses from the URI."
+    )
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="Expected sha256 of a single downloaded file."
+    )
+    classnames: list[str] | None = Field(
+        None, description="Class names in label order (ImageFolder: defaults to folder names)."
+    )
+    class_map: dict[str, str] | None = Field(
+        None,
+        description="Folder name -> task class name, for shifts that cover a subset of the "
+        "task's classes (ImageNet-R/-A, ObjectNet).",
+    )
+    max_samples: int | None = Field(None, ge=1, description="Stop after this many samples.")
+
+
+class FetchConfig(StrictModel):
+    seed: int = Field(0, ge=0, description="Seed of every random choice in the world.")
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    use_world: bool = Field(True, description="Build the built-in emoji world.")
+    sources: list[SourceConfig] = Field(default_factory=list, description="Extra data sources.")
+    out_dir: str = Field("data/fetch", description="Where datasets and the manifest go.")
+    cache_dir: str = Field(".cache/clipshift", description="Downloads and art caches.")
+
+
+# --------------------------------------------------------------------------------------------
+# validate
+
+
+class ValidateConfig(StrictModel):
+    data_dir: str = Field("data/fetch", description="Output of fetch.")
+    out_dir: str = Field("data/validate", description="Reports and Data Docs.")
+    caption_min_chars: int = Field(3, ge=1, description="Shortest allowed caption.")
+    caption_max_chars: int = Field(300, ge=1, description="Longest allowed caption.")
+    leakage: Literal["drop", "fail"] = Field(
+        "drop", description="What to do with test images duplicated in training data."
+    )
+    phash_max_distance: int = Field(
+        0, ge=0, le=64, description="Hamming distance at or below which images are near-duplicates."
+    )
+    max_corrupt_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Fraction of undecodable samples tolerated per dataset."
+    )
+    min_per_class: int = Field(1, ge=1, description="Fewest examples of each class per split.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ValidateConfig:
+        if self.caption_min_chars > self.caption_max_chars:
+            raise ValueError(
+                f"validate.caption_min_chars ({self.caption_min_chars}) is larger than "
+                f"validate.caption_max_chars ({self.caption_max_chars})"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# pretrain
+
+
+class TrainLoopConfig(StrictModel):
+    """Optimisation knobs shared by contrastive pretraining and fine-tuning."""
+
+    batch_size: int = Field(128, ge=1, le=65536, description="Global batch size (all ranks).")
+    lr: float = Field(1e-3, gt=0, le=10, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.1, ge=0, le=10, description="AdamW weight decay.")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.98, ge=0, lt=1)
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before the cosine decay.")
+    grad_clip_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm.")
+    accum_steps: int = Field(1, ge=1, le=1024, description="Gradient accumulation micro-steps.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast dtype; fp16 uses a GradScaler, bf16 needs device support."
+    )
+    workers: int = Field(1, ge=0, le=64, description="DataLoader worker processes per rank.")
+    log_every: int = Field(10, ge=1, description="Log metrics to MLflow every N steps.")
+    checkpoint_every: int = Field(100, ge=1, description="Write a resumable checkpoint every N steps.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes per node.")
+    nnodes: int = Field(1, ge=1, le=4096, description="torchrun nodes.")
+    seed: int = Field(0, ge=0)
+
+
+class PretrainConfig(TrainLoopConfig):
+    data_dir: str = Field("data/fetch", description="Output of fetch (the pools live here).")
+    out_dir: str = Field("models/pretrain", description="Checkpoints, one folder per pool.")
+    pools: list[str] = Field(
+        default_factory=lambda: ["diverse", "narrow"],
+        description="Pools to pretrain on; one model each (the data-centric experiment).",
+    )
+    model: str = Field(
+        "clipshift-vit-tiny",
+        description="open_clip architecture name, or a path to a model config JSON.",
+    )
+    init_checkpoint: str | None = Field(
+        None, description="Start from this open_clip checkpoint (path or s3://) instead of scratch."
+    )
+    samples: int = Field(60000, ge=1, description="Training samples seen (sets the step count).")
+    gather_with_grad: bool = Field(False, description="DDP: backprop through gathered features.")
+    local_loss: bool = Field(False, description="DDP: loss against local rows only.")
+    max_rollbacks: int = Field(3, ge=0, description="Loss-spike rollbacks before giving up.")
+
+    @field_validator("pools")
+    @classmethod
+    def _pools_not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("list at least one pool, e.g. [diverse, narrow]")
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# finetune
+
+
+DEFAULT_TEMPLATES = [
+    "a photo of a {}.",
+    "an emoji of a {}.",
+    "a drawing of a {}.",
+    "a sketch of a {}.",
+    "an icon of the {}.",
+    "a {}.",
+]
+
+
+class BaselineSpec(StrictModel):
+    """One 'standard' model trained only on the reference task."""
+
+    width: int = Field(64, ge=8, le=4096, description="Vision tower width.")
+    layers: int = Field(2, ge=1, le=64, description="Vision tower depth.")
+    epochs: int = Field(10, ge=1, le=10000)
+    fraction: float = Field(1.0, gt=0, le=1, description="Share of the train split used.")
+
+
+def _default_baselines() -> list[BaselineSpec]:
+    grid = [(64, 2, 4, 0.25), (64, 2, 8, 0.5), (64, 2, 16, 1.0), (96, 3, 6, 0.5),
+            (96, 3, 12, 1.0), (128, 4, 4, 1.0), (128, 4, 10, 1.0), (128, 4, 20, 1.0),
+            (64, 2, 3, 0.1), (96, 3, 24, 1.0)]
+    return [BaselineSpec(width=w, layers=d, epochs=e, fraction=f) for w, d, e, f in grid]
+
+
+class FinetuneConfig(StrictModel):
+    data_dir: str = Field("data/fetch")
+    pretrain_dir: str = Field("models/pretrain")
+    out_dir: str = Field("models/finetune")
+    pool: str = Field("diverse", description="Pretrained model to fine-tune (by pool).")
+    templates: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TEMPLATES),
+        description="Prompt templates ('{}' is the class name) ensembled for the zero-shot head.",
+    )
+    e2e_epochs: int = Field(6, ge=1, le=1000, description="End-to-end fine-tuning epochs.")
+    e2e_lr: float = Field(3e-4, gt=0, le=1)
+    e2e_batch_size: int = Field(64, ge=1, le=65536)
+    soup_lrs: list[float] = Field(
+        default_factory=lambda: [3e-4, 1e-4, 5e-4],
+        description="One end-to-end fine-tune per entry (the first is the main one); soup inputs.",
+    )
+    linear_epochs: int = Field(200, ge=1, le=100000, description="Full-batch linear-probe steps.")
+    linear_lr: float = Field(1e-2, gt=0, le=10)
+    linear_weight_decay: float = Field(1e-4, ge=0)
+    knn_k: int = Field(10, ge=1, le=1000, description="Neighbours of the k-NN classifier.")
+    baselines: list[BaselineSpec] = Field(
+        default_factory=_default_baselines,
+        description="Standard models trained from scratch on the reference task.",
+    )
+    batch_size: int = Field(128, ge=1, le=65536, description="Batch size for feature passes.")
+    workers: int = Field(1, ge=0, le=64)
+    seed: int = Field(0, ge=0)
+    nproc_per_node: int = Field(1, ge=1, le=64)
+    nnodes: int = Field(1, ge=1, le=4096)
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, value: list[str]) -> list[str]:
+        bad = [t for t in value if "{}" not in t]
+        if bad or not value:
+            raise ValueError(f"every template needs a '{{}}' for the class name; bad: {bad}")
+        return value
+
+    @field_validator("baselines")
+    @classmethod
+    def _enough_baselines(cls, value: list[BaselineSpec]) -> list[BaselineSpec]:
+        if len(value) < 3:
+            raise ValueError(f"need at least 3 baseline models to fit a line, got {len(value)}")
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# interpolate
+
+
+class InterpolateConfig(StrictModel):
+    data_dir: str = Field("data/fetch")
+    finetune_dir: str = Field("models/finetune")
+    out_dir: str = Field("models/interpolate")
+    alphas: list[float] = Field(
+        default_factory=lambda: [round(0.1 * i, 1) for i in range(11)],
+        description="WiSE-FT mixing weights: 0 = zero-shot, 1 = fine-tuned.",
+    )
+    soups: list[Literal["uniform", "greedy"]] = Field(default_factory=lambda: ["uniform", "greedy"])
+    batch_size: int = Field(256, ge=1, le=65536)
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas_in_unit_interval(cls, value: list[float]) -> list[float]:
+        bad = [a for a in value if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"every alpha must lie in [0, 1]; out of range: {bad}")
+        if not value:
+            raise ValueError("give at least one alpha")
+        return sorted(set(value))
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+
+
+class EvaluateConfig(StrictModel):
+    data_dir: str = Field("data/fetch")
+    models_dir: str = Field("models")
+    metrics_path: str = Field("metrics/evaluate.json")
+    plots_dir: str = Field("plots/evaluate")
+    transform: Literal["logit", "probit"] = Field(
+        "logit", description="Axis scaling of the baseline fit (the ImageNet testbed uses logit)."
+    )
+    external_baselines: str | None = Field(
+        None, description="CSV of model, id accuracy and one column per shift, joined to baselines."
+    )
+    external_mode: Literal["join", "replace"] = Field("join")
+    retrieval_ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    batch_size: int = Field(256, ge=1, le=65536)
+    workers: int = Field(1, ge=0, le=64)
+    register_model: bool = Field(True, description="Register the chosen WiSE-FT model in MLflow.")
+
+
+# --------------------------------------------------------------------------------------------
+# scaling
+
+
+class ScalingRun(StrictModel):
+    width: int = Field(..., ge=8, le=8192)
+    layers: int = Field(..., ge=1, le=128)
+    samples: int = Field(..., ge=1)
+
+
+def _default_scaling_grid() -> list[ScalingRun]:
+    return [ScalingRun(width=w, layers=d, samples=s)
+            for w, d in [(32, 1), (64, 2), (96, 3)] for s in [6000, 24000]]
+
+
+class ScalingConfig(StrictModel):
+    data_dir: str = Field("data/fetch")
+    out_dir: str = Field("models/scaling")
+    metrics_path: str = Field("metrics/scaling.json")
+    plots_dir: str = Field("plots/scaling")
+    pools: list[str] = Field(default_factory=lambda: ["diverse", "narrow"])
+    grid: list[ScalingRun] = Field(default_factory=_default_scaling_grid)
+    irreducible: bool = Field(False, description="Fit E = A*C^alpha + E_inf instead of a pure power law.")
+    bootstrap: int = Field(1000, ge=10, le=100000, description="Bootstrap resamples for the CIs.")
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("grid")
+    @classmethod
+    def _enough_runs(cls, value: list[ScalingRun]) -> list[ScalingRun]:
+        if len(value) < 3:
+            raise ValueError(f"a power-law fit with a hold-out needs at least 3 runs, got {len(value)}")
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# the whole of params.yaml
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class PipelineConfig(StrictModel):
+    fetch: FetchConfig = Field(default_factory=FetchConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    interpolate: InterpolateConfig = Field(default_factory=InterpolateConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "fetch": FetchConfig,
+    "validate": ValidateConfig,
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "interpolate": InterpolateConfig,
+    "evaluate": EvaluateConfig,
+    "scaling": ScalingConfig,
+}
+
+
+def format_validation_error(err: ValidationError, root: str = "") -> str:
+    """One line per problem: the dotted key, the value given, and what is allowed."""
+    lines = []
+    for problem in err.errors():
+        parts = [str(p) for p in problem["loc"]]
+        parts = ["validate" if p == "validate_" else p for p in parts]
+        key = ".".join([root, *parts] if root else parts)
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}' (remove it or check its spelling)")
+        else:
+            lines.append(f"'{key}' = {problem.get('input')!r}: {problem['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file '{path}' not found; run from the repository root")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params file '{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"params file '{path}' must hold a mapping at the top level")
+    return data
+
+
+def parse_section(model: type[M], data: dict[str, Any] | None, key: str) -> M:
+    """Validate one params.yaml section, turning pydantic's error into a ConfigError."""
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, key)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> PipelineConfig:
+    """Validate the whole file at once, so a typo in any stage fails before the first one runs."""
+    try:
+        return PipelineConfig.model_validate(load_yaml(path))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def load_section(key: str, path: str | Path = "params.yaml") -> BaseModel:
+    return getattr(load_params(path), "validate_" if key == "validate" else key)

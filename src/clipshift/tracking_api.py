@@ -1,0 +1,68 @@
+"""The small logging interface the library computes against.
+
+Library code never imports mlflow: it receives a :class:`Tracker` and logs through it. The flows
+pass an MLflow-backed tracker (``clipshift.tracking``); tests and plain-Python callers pass
+:class:`NullTracker` or a recording one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Tracker(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_dict(self, obj: dict[str, Any], name: str) -> None: ...
+
+
+class NullTracker:
+    """Accepts everything, records nothing."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, obj: dict[str, Any], name: str) -> None:
+        pass
+
+
+class RecordingTracker(NullTracker):
+    """Keeps what was logged in memory; for tests and for the final summary of a stage."""
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+        self.params: dict[str, Any] = {}
+        self.tags: dict[str, str] = {}
+        self.artifacts: list[tuple[str, str | None]] = []
+        self.dicts: dict[str, dict[str, Any]] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.params.update(params)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.artifacts.append((str(path), artifact_path))
+
+    def log_dict(self, obj: dict[str, Any], name: str) -> None:
+        self.dicts[name] = obj
