@@ -46,6 +46,41 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+def known_architectures() -> set[str]:
+    """open_clip's architecture names plus ours, read from the config JSONs (no torch import)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    dirs = [Path(__file__).parent / "model_configs"]
+    if spec and spec.submodule_search_locations:
+        dirs += [Path(p) / "model_configs" for p in spec.submodule_search_locations]
+    return {f.stem for d in dirs for f in d.glob("*.json")}
+
+
+def check_model_name(value: str) -> str:
+    if value.endswith(".json"):
+        if not Path(value).exists():
+            raise ValueError(f"model config file '{value}' does not exist")
+        return value
+    known = known_architectures()
+    if value not in known:
+        hint = sorted(k for k in known if k.lower().startswith(value.lower()[:4]))[:6]
+        raise ValueError(
+            f"'{value}' is not an open_clip architecture; use a name from "
+            f"open_clip.list_models() (e.g. {hint or sorted(known)[:6]}) or a config JSON path"
+        )
+    return value
+
+
+def check_existing_path(value: str | None) -> str | None:
+    """Local paths must exist; remote URIs (s3://, https://) are checked when fetched."""
+    if value is None or "://" in value:
+        return value
+    if not Path(value).exists():
+        raise ValueError(f"path '{value}' does not exist (fix the path or remove the key)")
+    return value
+
+
 # --------------------------------------------------------------------------------------------
 # fetch
 
@@ -55,14 +90,26 @@ class WorldConfig(StrictModel):
 
     image_size: int = Field(32, ge=16, le=512, description="Side of every rendered image, px.")
     num_classes: int = Field(
-        100, ge=2, le=1000, description="Classes of the reference task (emoji present in all styles)."
+        100,
+        ge=2,
+        le=1000,
+        description="Classes of the reference task (emoji present in all styles).",
     )
     reference_style: Style = Field("twemoji", description="Style of the train/val/test splits.")
     shift_styles: list[Style] = Field(
-        default_factory=lambda: ["openmoji", "fluent", "noto", "noto_line", "silhouette", "corrupt"],
+        default_factory=lambda: [
+            "openmoji",
+            "fluent",
+            "noto",
+            "noto_line",
+            "silhouette",
+            "corrupt",
+        ],
         description="One shift test set per style, on the task's classes.",
     )
-    train_per_class: int = Field(24, ge=1, le=10000, description="Reference train images per class.")
+    train_per_class: int = Field(
+        24, ge=1, le=10000, description="Reference train images per class."
+    )
     val_per_class: int = Field(6, ge=1, le=10000, description="Reference val images per class.")
     test_per_class: int = Field(10, ge=1, le=10000, description="Reference test images per class.")
     shift_per_class: int = Field(10, ge=1, le=10000, description="Images per class in each shift.")
@@ -185,7 +232,9 @@ class TrainLoopConfig(StrictModel):
     )
     workers: int = Field(1, ge=0, le=64, description="DataLoader worker processes per rank.")
     log_every: int = Field(10, ge=1, description="Log metrics to MLflow every N steps.")
-    checkpoint_every: int = Field(100, ge=1, description="Write a resumable checkpoint every N steps.")
+    checkpoint_every: int = Field(
+        100, ge=1, description="Write a resumable checkpoint every N steps."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
     nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes per node.")
     nnodes: int = Field(1, ge=1, le=4096, description="torchrun nodes.")
@@ -210,6 +259,9 @@ class PretrainConfig(TrainLoopConfig):
     gather_with_grad: bool = Field(False, description="DDP: backprop through gathered features.")
     local_loss: bool = Field(False, description="DDP: loss against local rows only.")
     max_rollbacks: int = Field(3, ge=0, description="Loss-spike rollbacks before giving up.")
+
+    _model_known = field_validator("model")(check_model_name)
+    _init_exists = field_validator("init_checkpoint")(check_existing_path)
 
     @field_validator("pools")
     @classmethod
@@ -243,9 +295,18 @@ class BaselineSpec(StrictModel):
 
 
 def _default_baselines() -> list[BaselineSpec]:
-    grid = [(64, 2, 4, 0.25), (64, 2, 8, 0.5), (64, 2, 16, 1.0), (96, 3, 6, 0.5),
-            (96, 3, 12, 1.0), (128, 4, 4, 1.0), (128, 4, 10, 1.0), (128, 4, 20, 1.0),
-            (64, 2, 3, 0.1), (96, 3, 24, 1.0)]
+    grid = [
+        (64, 2, 4, 0.25),
+        (64, 2, 8, 0.5),
+        (64, 2, 16, 1.0),
+        (96, 3, 6, 0.5),
+        (96, 3, 12, 1.0),
+        (128, 4, 4, 1.0),
+        (128, 4, 10, 1.0),
+        (128, 4, 20, 1.0),
+        (64, 2, 3, 0.1),
+        (96, 3, 24, 1.0),
+    ]
     return [BaselineSpec(width=w, layers=d, epochs=e, fraction=f) for w, d, e, f in grid]
 
 
@@ -342,6 +403,8 @@ class EvaluateConfig(StrictModel):
     workers: int = Field(1, ge=0, le=64)
     register_model: bool = Field(True, description="Register the chosen WiSE-FT model in MLflow.")
 
+    _external_exists = field_validator("external_baselines")(check_existing_path)
+
 
 # --------------------------------------------------------------------------------------------
 # scaling
@@ -354,8 +417,11 @@ class ScalingRun(StrictModel):
 
 
 def _default_scaling_grid() -> list[ScalingRun]:
-    return [ScalingRun(width=w, layers=d, samples=s)
-            for w, d in [(32, 1), (64, 2), (96, 3)] for s in [6000, 24000]]
+    return [
+        ScalingRun(width=w, layers=d, samples=s)
+        for w, d in [(32, 1), (64, 2), (96, 3)]
+        for s in [6000, 24000]
+    ]
 
 
 class ScalingConfig(StrictModel):
@@ -365,7 +431,9 @@ class ScalingConfig(StrictModel):
     plots_dir: str = Field("plots/scaling")
     pools: list[str] = Field(default_factory=lambda: ["diverse", "narrow"])
     grid: list[ScalingRun] = Field(default_factory=_default_scaling_grid)
-    irreducible: bool = Field(False, description="Fit E = A*C^alpha + E_inf instead of a pure power law.")
+    irreducible: bool = Field(
+        False, description="Fit E = A*C^alpha + E_inf instead of a pure power law."
+    )
     bootstrap: int = Field(1000, ge=10, le=100000, description="Bootstrap resamples for the CIs.")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -375,7 +443,9 @@ class ScalingConfig(StrictModel):
     @classmethod
     def _enough_runs(cls, value: list[ScalingRun]) -> list[ScalingRun]:
         if len(value) < 3:
-            raise ValueError(f"a power-law fit with a hold-out needs at least 3 runs, got {len(value)}")
+            raise ValueError(
+                f"a power-law fit with a hold-out needs at least 3 runs, got {len(value)}"
+            )
         return value
 
 

@@ -48,8 +48,10 @@ def resolve_model_config(name_or_path: str) -> tuple[str, dict[str, Any]]:
     path = Path(name_or_path)
     if name_or_path.endswith(".json"):
         if not path.exists():
-            raise ConfigError(f"model config file '{name_or_path}' not found; give an existing "
-                              "JSON path or an open_clip architecture name")
+            raise ConfigError(
+                f"model config file '{name_or_path}' not found; give an existing "
+                "JSON path or an open_clip architecture name"
+            )
         config = json.loads(path.read_text())
         name = path.stem
         register_model_config(name, config)
@@ -123,8 +125,9 @@ def create_clip(
     else:
         name, config = resolve_model_config(name_or_path)
     if pretrained is not None and not Path(pretrained).exists():
-        raise ConfigError(f"checkpoint '{pretrained}' not found; run the stage that writes it "
-                          "or fix the path")
+        raise ConfigError(
+            f"checkpoint '{pretrained}' not found; run the stage that writes it or fix the path"
+        )
     model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
         name, pretrained=pretrained, device=device, weights_only=True
     )

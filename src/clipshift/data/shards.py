@@ -117,7 +117,9 @@ class ShardWriter:
     def write(self, sample: dict[str, Any]) -> None:
         key = sample["__key__"]
         if "." in key or "/" in key:
-            raise DataError(f"sample key '{key}' may not contain '.' or '/' (webdataset splits on them)")
+            raise DataError(
+                f"sample key '{key}' may not contain '.' or '/' (webdataset splits on them)"
+            )
         if key in self._keys:
             raise DataError(f"duplicate sample key '{key}' in dataset '{self.info.name}'")
         self._keys.add(key)

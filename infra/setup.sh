@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up clipshift on a fresh clone: a Python 3.11 venv in .venv with the pinned dependencies,
+# the project installed editable, and the emoji art from npm. Safe to run again: it skips what
+# is already in place (keyed on the hash of pyproject.toml and infra/art/package.json).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-}
+if [ -z "$PYTHON" ]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      PYTHON=$candidate; break
+    fi
+  done
+fi
+[ -n "$PYTHON" ] || { echo "setup: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+
+# cairosvg needs the cairo C library to rasterise the SVG emoji art.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcairo.so.2'; then
+  echo "setup: installing libcairo2 (needed by cairosvg)"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libcairo2 >/dev/null
+  else sudo apt-get update -qq && sudo apt-get install -y -qq libcairo2 >/dev/null; fi
+fi
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=.venv/.clipshift-installed
+want=$(cat pyproject.toml infra/art/package.json 2>/dev/null | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing Python dependencies into .venv (first time: a few minutes)"
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -c "import clipshift, open_clip, prefect, mlflow" \
+    || { echo "setup: the Python install failed; see the pip output above" >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi
+
+# Emoji art that ships on npm (Fluent and Noto colour); the world builder also installs it
+# on demand, this just does it up front.
+if [ -f infra/art/package.json ] && command -v npm >/dev/null 2>&1; then
+  .venv/bin/python -m clipshift.data.world.art --install >/dev/null
+fi
+echo "setup: ready (.venv)"

@@ -1,0 +1,85 @@
+"""`clipshift <stage>`: validate params.yaml, then run the stage's Prefect flow.
+
+DVC stage commands call this. Errors clipshift raises on purpose (bad params, missing data,
+failed validation) print one clear message and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from clipshift.errors import ClipshiftError
+
+STAGES = ("fetch", "validate", "pretrain", "finetune", "interpolate", "evaluate", "scaling")
+
+
+def _quiet_defaults() -> None:
+    # Offline machines: no telemetry calls; tqdm bars of libraries stay ours alone.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    repo = Path.cwd()
+    if (repo / "flows").is_dir() and str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+
+
+def _flow_for(stage: str) -> Callable:
+    import importlib
+
+    module = importlib.import_module(f"flows.{stage}")
+    return getattr(module, f"{stage}_flow")
+
+
+def run_stage(stage: str, params_path: str, pool: str | None = None) -> object:
+    from clipshift.config import load_params
+
+    params = load_params(params_path)  # the whole file: a typo anywhere fails before any work
+    config = getattr(params, "validate_" if stage == "validate" else stage)
+    if stage == "pretrain" and pool is not None:
+        if pool not in config.pools:
+            raise ClipshiftError(
+                f"pool '{pool}' is not in pretrain.pools {config.pools}; add it in params.yaml"
+            )
+        return _flow_for(stage)(config=config, pool=pool)
+    if stage == "pipeline":
+        return _flow_for(stage)(params=params)
+    return _flow_for(stage)(config=config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipshift", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: %(default)s)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for stage in STAGES:
+        cmd = sub.add_parser(stage, help=f"run the {stage} stage")
+        if stage == "pretrain":
+            cmd.add_argument("--pool", help="pretrain on this pool only (one of pretrain.pools)")
+    sub.add_parser("pipeline", help="run every stage in order as one Prefect flow")
+    sub.add_parser("check-params", help="validate params.yaml and print the resolved config")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_defaults()
+    try:
+        if args.command == "check-params":
+            from clipshift.config import load_params
+
+            print(load_params(args.params).model_dump_json(indent=2, by_alias=True))
+            return 0
+        run_stage(args.command, args.params, getattr(args, "pool", None))
+    except ClipshiftError as err:
+        print(f"clipshift {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

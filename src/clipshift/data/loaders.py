@@ -1,0 +1,398 @@
+"""Feeding models: labelled sets decoded once, batched normalisation and augmentation, and
+image-caption pools either decoded into memory (small pools, exactly resumable order) or
+streamed with webdataset (large pools).
+
+Images are kept as uint8 tensors until the last moment and converted, augmented and
+normalised a whole batch at a time: no per-image Python runs in the training loop. Every
+image goes through :func:`to_rgb` (transparent pixels onto white) so training, zero-shot and
+fine-tuning see the same pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from PIL import Image
+
+from clipshift.data.shards import IMAGE_EXTS, ReadStats, iter_dataset, load_info
+from clipshift.errors import DataError
+
+log = logging.getLogger(__name__)
+
+EXCLUDE_FILE = "exclude.json"
+# RandomResizedCrop-like ranges (open_clip trains with scale (0.9, 1.0)); mild because emoji
+# fill the frame and a crop that loses the object changes what the caption describes.
+CROP_SCALE = (0.8, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+# --------------------------------------------------------------------------------------------
+# pixels
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with transparent areas composited onto white (emoji art is drawn for white pages)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def image_to_uint8(image: Image.Image, size: int | None = None) -> torch.Tensor:
+    """3×H×W uint8 tensor of an RGB version of ``image``, resized (bicubic) to ``size``²."""
+    image = to_rgb(image)
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _stats_tensor(values: tuple[float, ...] | list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+
+def normalize(
+    images: torch.Tensor,
+    mean: tuple[float, ...] = OPENAI_DATASET_MEAN,
+    std: tuple[float, ...] = OPENAI_DATASET_STD,
+    size: int | None = None,
+) -> torch.Tensor:
+    """uint8 N×3×H×W (or 3×H×W) → float32 model input, resized to ``size`` if it differs."""
+    batch = images.unsqueeze(0) if images.dim() == 3 else images
+    x = batch.to(torch.float32).div_(255.0)
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
+                          antialias=True).clamp_(0.0, 1.0)
+    x = (x - _stats_tensor(mean, x.device)) / _stats_tensor(std, x.device)
+    return x[0] if images.dim() == 3 else x
+
+
+def crop_params(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n random affine crops (N×2×3), RandomResizedCrop-like, drawn from ``generator`` only."""
+    u = torch.rand(n, 4, generator=generator, dtype=torch.float64)
+    scale = CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u[:, 0]
+    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+    w = torch.sqrt(scale * ratio).clamp(max=1.0)  # crop side as a fraction of the image side
+    h = torch.sqrt(scale / ratio).clamp(max=1.0)
+    cx = (1.0 - w) * (2.0 * u[:, 2] - 1.0)  # centre in [-1, 1] coordinates, crop stays inside
+    cy = (1.0 - h) * (2.0 * u[:, 3] - 1.0)
+    theta = torch.zeros(n, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0], theta[:, 0, 2] = w, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    return theta.to(torch.float32)
+
+
+def augment(
+    images: torch.Tensor,
+    theta: torch.Tensor,
+    size: int,
+    mean: tuple[float, ...] = OPENAI_DATASET_MEAN,
+    std: tuple[float, ...] = OPENAI_DATASET_STD,
+) -> torch.Tensor:
+    """Crop-and-resize a uint8 batch with per-image affine ``theta`` in one grid_sample call,
+    then normalise. The output is ``size``² whatever the stored size."""
+    x = images.to(torch.float32).div_(255.0)
+    if x.shape[-1] >= 2 * size:  # grid_sample does not antialias: shrink large images first
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    grid = F.affine_grid(theta.to(x.device), [x.shape[0], 3, size, size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return (x - _stats_tensor(mean, x.device)) / _stats_tensor(std, x.device)
+
+
+# --------------------------------------------------------------------------------------------
+# labelled sets
+
+
+@dataclass
+class LabelledData:
+    images: torch.Tensor  # uint8 N×3×H×W
+    labels: torch.Tensor  # int64 N
+    keys: list[str]
+    classes: list[str] | None = None
+    stats: ReadStats = field(default_factory=ReadStats)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def subset(self, index: torch.Tensor | list[int]) -> LabelledData:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return LabelledData(self.images[index], self.labels[index],
+                            [self.keys[i] for i in index.tolist()], self.classes, self.stats)
+
+
+def read_exclude(validate_dir: str | Path, dataset_name: str) -> set[str]:
+    """Keys the validate stage dropped from ``dataset_name`` (leakage, duplicates)."""
+    path = Path(validate_dir) / EXCLUDE_FILE
+    if not path.exists():
+        return set()
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); re-run the validate stage") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} must map dataset names to lists of keys; re-run validate")
+    return set(data.get(dataset_name, []))
+
+
+def _common_size(dataset_dir: str | Path) -> int | None:
+    return load_info(dataset_dir).image_size
+
+
+def load_labelled(dataset_dir: str | Path, exclude: set[str] | None = None) -> LabelledData:
+    """Decode every sample of a small labelled dataset into memory, once."""
+    info = load_info(dataset_dir)
+    size = info.image_size
+    exclude = exclude or set()
+    stats = ReadStats()
+    images, labels, keys = [], [], []
+    for sample in iter_dataset(dataset_dir, stats):
+        if sample["__key__"] in exclude:
+            continue
+        if "cls" not in sample:
+            stats.skip("missing class index")
+            continue
+        if size is None:  # no declared size: the first image sets it for the rest
+            size = sample["image"].size[0]
+        images.append(image_to_uint8(sample["image"], size))
+        labels.append(sample["cls"])
+        keys.append(sample["__key__"])
+    if not keys:
+        raise DataError(f"dataset '{dataset_dir}' has no usable labelled samples "
+                        f"(skipped: {stats.reasons}); re-run fetch/validate")
+    if stats.skipped:
+        log.warning("%s: skipped %d unreadable samples %s", dataset_dir, stats.skipped, stats.reasons)
+    return LabelledData(torch.stack(images), torch.tensor(labels, dtype=torch.long), keys,
+                        info.classes, stats)
+
+
+# --------------------------------------------------------------------------------------------
+# pools in memory: the order is a pure function of (seed, step)
+
+
+@dataclass
+class PoolTensors:
+    images: torch.Tensor  # uint8 N×3×S×S
+    tokens: torch.Tensor  # int64 N×context_length
+    keys: list[str]
+    stats: ReadStats = field(default_factory=ReadStats)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def tokenize_captions(tokenizer: Callable, captions: list[str], chunk: int = 4096) -> torch.Tensor:
+    parts = [tokenizer(captions[i:i + chunk]) for i in range(0, len(captions), chunk)]
+    return torch.cat(parts).to(torch.long)
+
+
+def load_pool(
+    dataset_dir: str | Path,
+    tokenizer: Callable,
+    image_size: int,
+    exclude: set[str] | None = None,
+) -> PoolTensors:
+    """Decode a pool once into uint8 images at the model's size and caption tokens."""
+    exclude = exclude or set()
+    stats = ReadStats()
+    images, captions, keys = [], [], []
+    for sample in iter_dataset(dataset_dir, stats):
+        if sample["__key__"] in exclude:
+            continue
+        if not sample.get("txt"):
+            stats.skip("missing caption")
+            continue
+        images.append(image_to_uint8(sample["image"], image_size))
+        captions.append(sample["txt"])
+        keys.append(sample["__key__"])
+    if not keys:
+        raise DataError(f"pool '{dataset_dir}' has no usable image-caption pairs "
+                        f"(skipped: {stats.reasons}); re-run fetch")
+    if stats.skipped:
+        log.warning("%s: skipped %d unreadable samples %s", dataset_dir, stats.skipped, stats.reasons)
+    return PoolTensors(torch.stack(images), tokenize_captions(tokenizer, captions), keys, stats)
+
+
+def _generator(*seeds: int) -> torch.Generator:
+    # Mix the seed parts into one 63-bit integer; torch generators take a single int.
+    mixed = np.random.SeedSequence([int(s) for s in seeds]).generate_state(2, dtype=np.uint32)
+    gen = torch.Generator()
+    gen.manual_seed(int(mixed[0]) << 31 ^ int(mixed[1]))
+    return gen
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=_generator(seed, 0xE90C, epoch))
+
+
+def batch_indices(n: int, seed: int, step: int, batch_size: int) -> torch.Tensor:
+    """Sample indices of global batch ``step``: samples ``step*B .. step*B+B-1`` of the stream
+    made of one seeded permutation per epoch. Pure in (seed, step), so resuming at any step
+    replays exactly what an uninterrupted run would have seen."""
+    start = step * batch_size
+    out, pos = [], start
+    while pos < start + batch_size:
+        epoch, offset = divmod(pos, n)
+        take = min(n - offset, start + batch_size - pos)
+        out.append(epoch_permutation(n, seed, epoch)[offset:offset + take])
+        pos += take
+    return torch.cat(out)
+
+
+def batch_crops(seed: int, step: int, batch_size: int) -> torch.Tensor:
+    return crop_params(batch_size, _generator(seed, 0xA06, step))
+
+
+# --------------------------------------------------------------------------------------------
+# pools streamed with webdataset
+
+
+def pool_urls(dataset_dir_or_urls: str | Path | list[str]) -> list[str]:
+    """Shard URLs of a pool directory (from its dataset.json), or URLs given directly."""
+    if isinstance(dataset_dir_or_urls, list):
+        return [str(u) for u in dataset_dir_or_urls]
+    path = Path(dataset_dir_or_urls)
+    if path.is_dir():
+        return [str(p) for p in load_info(path).shard_paths(path)]
+    return [str(dataset_dir_or_urls)]  # a single URL or a brace pattern webdataset expands
+
+
+@dataclass
+class SkipCounter:
+    """webdataset ``handler=``: count, log (the first few) and skip corrupt samples."""
+
+    limit_logged: int = 10
+    count: int = 0
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.count += 1
+        if self.count <= self.limit_logged:
+            log.warning("skipping corrupt pool sample (%d so far): %r", self.count, exn)
+        return True
+
+
+def _worker_identity() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _epoch_shards(urls: list[str], seed: int, epochs: int | None) -> Callable[[], Iterator]:
+    """Source stage: the shard list reshuffled (seeded) every epoch, forever unless bounded."""
+    def source() -> Iterator[dict[str, str]]:
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            order = list(urls)
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+            for url in order:
+                yield {"url": url}
+            epoch += 1
+    return source
+
+
+def _seeded_shuffle(bufsize: int, seed: int, rank: int) -> Callable:
+    def stage(src: Iterator) -> Iterator:
+        worker, _ = _worker_identity()
+        rng = random.Random(seed * 7919 + rank * 104_729 + worker)
+        buf: list = []
+        for item in src:
+            if len(buf) < bufsize:
+                buf.append(item)
+                continue
+            j = rng.randrange(len(buf))
+            buf[j], item = item, buf[j]
+            yield item
+        rng.shuffle(buf)
+        yield from buf
+    return stage
+
+
+def _decode_pair(tokenizer: Callable, image_size: int, do_augment: bool, seed: int,
+                 rank: int) -> Callable:
+    state: dict[str, torch.Generator] = {}
+
+    def decode(sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None or "txt" not in sample:
+            raise DataError(f"pool sample {sample.get('__key__')} lacks an image or a caption")
+        image = Image.open(io.BytesIO(sample[ext]))
+        image.load()
+        pixels = image_to_uint8(image, image_size).unsqueeze(0)
+        caption = sample["txt"].decode("utf-8", errors="replace")
+        tokens = tokenizer([caption])[0].to(torch.long)  # once per sample, in the worker
+        if do_augment:
+            if "gen" not in state:  # created lazily so each worker process seeds its own
+                state["gen"] = _generator(seed, rank, _worker_identity()[0], 0x5EED)
+            pixels = augment(pixels, crop_params(1, state["gen"]), image_size)[0]
+        else:
+            pixels = normalize(pixels, size=image_size)[0]
+        return pixels, tokens
+    return decode
+
+
+def pool_dataset(
+    dataset_dir_or_urls: str | Path | list[str],
+    tokenizer: Callable,
+    image_size: int,
+    seed: int = 0,
+    batch_size: int | None = None,
+    shuffle_buffer: int = 2000,
+    augment_images: bool = True,
+    epochs: int | None = None,
+    rank: int = 0,
+    handler: Callable[[BaseException], bool] | None = None,
+):
+    """A webdataset pipeline of (image float tensor, token tensor), batched if ``batch_size``.
+
+    Shards are reshuffled each epoch from ``seed``, split across nodes (``split_by_node``) and
+    DataLoader workers (``split_by_worker``); samples pass a seeded shuffle buffer. The stream
+    repeats forever unless ``epochs`` is given. Corrupt samples are skipped and counted by
+    ``handler`` (a :class:`SkipCounter` by default).
+    """
+    import webdataset as wds
+
+    urls = pool_urls(dataset_dir_or_urls)
+    handler = handler or SkipCounter()
+    stages = [
+        _epoch_shards(urls, seed, epochs),
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=handler),
+        _seeded_shuffle(shuffle_buffer, seed, rank),
+        wds.map(_decode_pair(tokenizer, image_size, augment_images, seed, rank), handler=handler),
+    ]
+    if batch_size is not None:
+        stages.append(wds.batched(batch_size, partial=False))
+    return wds.DataPipeline(*stages)
+
+
+def pool_loader(
+    dataset_dir_or_urls: str | Path | list[str],
+    tokenizer: Callable,
+    image_size: int,
+    batch_size: int,
+    seed: int = 0,
+    workers: int = 1,
+    **kwargs: Any,
+):
+    """A WebLoader over :func:`pool_dataset`, batched inside the ``workers`` processes."""
+    import webdataset as wds
+
+    dataset = pool_dataset(dataset_dir_or_urls, tokenizer, image_size, seed=seed,
+                           batch_size=batch_size, **kwargs)
+    return wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None)

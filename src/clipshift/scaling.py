@@ -1,0 +1,320 @@
+"""Power-law scaling fits: E = A·x^alpha (+ E_inf), with bootstrap CIs and a hold-out check.
+
+Following Kaplan et al. (2020) and Cherti et al. (2023), error E (1 − accuracy, or
+1 − recall@k) is modelled as a power law in compute, samples seen or parameters. Without an
+irreducible term the fit is ordinary least squares of log E on log x (closed form). With one,
+``scipy.optimize.least_squares`` minimises the same log-space residuals
+log E − log(A·x^alpha + E_inf) with E_inf ∈ [0, min E). Working in log space weighs every
+point by its *relative* error, as the scaling-law literature does. R² is reported in log-E
+space for both models.
+
+Confidence intervals are percentile bootstrap intervals over resampled points (resamples too
+degenerate to fit, e.g. a single distinct x, are dropped).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from clipshift.errors import DataError
+
+log = logging.getLogger(__name__)
+
+#: Candidate E_inf values for the initial grid, as fractions of min(y).
+_E_GRID = np.concatenate([[0.0], 1.0 - np.geomspace(1.0, 1e-3, 40)[1:]])
+#: E_inf stays strictly below min(y) so log(y - E_inf) stays finite.
+_E_MARGIN = 1e-9
+
+
+@dataclass
+class PowerLawFit:
+    """E = A·x^alpha (+ E_inf). ``ci95`` maps each parameter to [lo, hi] (None if unknown)."""
+
+    A: float
+    alpha: float
+    E_inf: float | None
+    r2: float
+    ci95: dict[str, list[float] | None]
+    n: int
+    #: Bootstrap draws of (log A, alpha, E_inf), for prediction bands; not serialised.
+    draws: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "A": self.A,
+            "alpha": self.alpha,
+            "E_inf": self.E_inf,
+            "r2": self.r2,
+            "ci95": self.ci95,
+            "n": self.n,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# single fits on log-space data
+
+
+def _as_positive(values: Sequence[float], name: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=float).ravel()
+    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise ValueError(f"a power law needs finite positive {name}, got {arr.tolist()}")
+    return arr
+
+
+def _ols(lx: np.ndarray, ly: np.ndarray) -> tuple[float, float]:
+    """Closed-form least squares ly = c + alpha·lx; returns (c = log A, alpha)."""
+    dx = lx - lx.mean()
+    alpha = float(dx @ (ly - ly.mean()) / (dx @ dx))
+    return float(ly.mean() - alpha * lx.mean()), alpha
+
+
+def _log_model(params: np.ndarray, lx: np.ndarray) -> np.ndarray:
+    c, alpha, e_inf = params
+    return np.log(np.exp(c + alpha * lx) + e_inf)
+
+
+def _grid_init(lx: np.ndarray, ly: np.ndarray) -> np.ndarray:
+    """Best (log A, alpha, E_inf) over a grid of E_inf, each with the closed-form power law."""
+    y = np.exp(ly)
+    best, best_sse = None, np.inf
+    for e_inf in _E_GRID * y.min():
+        c, alpha = _ols(lx, np.log(y - e_inf))
+        params = np.array([c, alpha, e_inf])
+        sse = float(((ly - _log_model(params, lx)) ** 2).sum())
+        if sse < best_sse:
+            best, best_sse = params, sse
+    return best
+
+
+def _fit_irreducible(lx: np.ndarray, ly: np.ndarray, start: np.ndarray | None) -> np.ndarray:
+    upper = float(np.exp(ly).min()) * (1 - _E_MARGIN)
+    x0 = _grid_init(lx, ly) if start is None else start.copy()
+    x0[2] = min(max(x0[2], 0.0), upper * (1 - 1e-6))
+    result = least_squares(
+        lambda p: ly - _log_model(p, lx),
+        x0,
+        bounds=([-np.inf, -np.inf, 0.0], [np.inf, np.inf, upper]),
+        xtol=1e-14,
+        ftol=1e-14,
+        gtol=1e-14,
+        max_nfev=2000,
+    )
+    return result.x
+
+
+def _fit_params(
+    lx: np.ndarray, ly: np.ndarray, irreducible: bool, start: np.ndarray | None = None
+) -> np.ndarray:
+    """(log A, alpha, E_inf) for one data set; E_inf is 0 for the pure law."""
+    if irreducible:
+        return _fit_irreducible(lx, ly, start)
+    c, alpha = _ols(lx, ly)
+    return np.array([c, alpha, 0.0])
+
+
+def _min_distinct(irreducible: bool) -> int:
+    return 3 if irreducible else 2
+
+
+# --------------------------------------------------------------------------------------------
+# bootstrap
+
+
+def _bootstrap(
+    lx: np.ndarray, ly: np.ndarray, irreducible: bool, n_boot: int, seed: int, start: np.ndarray
+) -> np.ndarray:
+    """(log A, alpha, E_inf) refitted on ``n_boot`` resamples of the points."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, lx.size, size=(n_boot, lx.size))
+    need = _min_distinct(irreducible)
+    keep = np.array([np.unique(lx[i]).size >= need for i in idx], dtype=bool)
+    idx = idx[keep]
+    if not irreducible:
+        # Vectorised closed form: one slope per resample row.
+        bx, by = lx[idx], ly[idx]
+        dx = bx - bx.mean(axis=1, keepdims=True)
+        alpha = (dx * (by - by.mean(axis=1, keepdims=True))).sum(1) / (dx * dx).sum(1)
+        c = by.mean(axis=1) - alpha * bx.mean(axis=1)
+        return np.stack([c, alpha, np.zeros_like(c)], axis=1)
+    # Warm-start each resample from the full-data optimum: same basin, far fewer iterations.
+    draws = [_fit_params(lx[i], ly[i], True, start) for i in idx]
+    return np.array(draws).reshape(-1, 3)
+
+
+def _percentile_ci(values: np.ndarray) -> list[float] | None:
+    if values.size < 10:
+        return None
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def fit_power_law(
+    x: Sequence[float],
+    y: Sequence[float],
+    irreducible: bool = False,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> PowerLawFit:
+    """Fit E = A·x^alpha (+ E_inf when ``irreducible``); ``bootstrap=0`` skips the CIs."""
+    xs, ys = _as_positive(x, "x"), _as_positive(y, "y")
+    if xs.size != ys.size:
+        raise ValueError(f"x has {xs.size} values but y has {ys.size}")
+    need = _min_distinct(irreducible)
+    if np.unique(xs).size < need:
+        raise ValueError(
+            f"fitting {'A·x^alpha + E_inf' if irreducible else 'A·x^alpha'} needs at least "
+            f"{need} distinct x values, got {np.unique(xs).tolist()}; add runs of other sizes"
+        )
+    lx, ly = np.log(xs), np.log(ys)
+    params = _fit_params(lx, ly, irreducible)
+    resid = ly - _log_model(params, lx)
+    ss_tot = float(((ly - ly.mean()) ** 2).sum())
+    ss_res = float(resid @ resid)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float(ss_res < 1e-12)
+    draws = _bootstrap(lx, ly, irreducible, bootstrap, seed, params) if bootstrap > 0 else None
+    ci95: dict[str, list[float] | None] = {"A": None, "alpha": None}
+    if irreducible:
+        ci95["E_inf"] = None
+    if draws is not None:
+        ci95["A"] = _percentile_ci(np.exp(draws[:, 0]))
+        ci95["alpha"] = _percentile_ci(draws[:, 1])
+        if irreducible:
+            ci95["E_inf"] = _percentile_ci(draws[:, 2])
+    return PowerLawFit(
+        A=float(np.exp(params[0])),
+        alpha=float(params[1]),
+        E_inf=float(params[2]) if irreducible else None,
+        r2=float(r2),
+        ci95=ci95,
+        n=int(xs.size),
+        draws=draws,
+    )
+
+
+def _get(fit: PowerLawFit | Mapping[str, Any], key: str) -> Any:
+    return getattr(fit, key) if isinstance(fit, PowerLawFit) else fit[key]
+
+
+def predict(fit: PowerLawFit | Mapping[str, Any], x: Any) -> Any:
+    """A·x^alpha + E_inf at ``x`` (scalar in, float out); accepts a fit or its dict."""
+    e_inf = _get(fit, "E_inf") or 0.0
+    out = _get(fit, "A") * np.power(np.asarray(x, dtype=float), _get(fit, "alpha")) + e_inf
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def prediction_band(
+    x: Sequence[float],
+    y: Sequence[float],
+    x_grid: Sequence[float],
+    irreducible: bool = False,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pointwise 95 % bootstrap band (lo, hi) of the fitted law on ``x_grid``."""
+    fit = fit_power_law(x, y, irreducible, bootstrap, seed)
+    grid = np.log(np.asarray(x_grid, dtype=float))
+    if fit.draws is None or len(fit.draws) < 10:
+        mid = predict(fit, np.exp(grid))
+        return mid, mid
+    curves = np.exp(fit.draws[:, :1] + fit.draws[:, 1:2] * grid[None, :]) + fit.draws[:, 2:]
+    lo, hi = np.percentile(curves, [2.5, 97.5], axis=0)
+    return lo, hi
+
+
+def holdout_error(x: Sequence[float], y: Sequence[float], irreducible: bool = False) -> dict:
+    """Fit without the largest-x point(s), extrapolate to it, report the relative error.
+
+    When several runs share the largest x (e.g. two sample counts at the largest model), all
+    of them are held out and compared with their mean, so the hold-out is a real extrapolation.
+    Returns ``{"x", "true", "pred", "rel_error"}``; raises ValueError if too few points remain.
+    """
+    xs, ys = _as_positive(x, "x"), _as_positive(y, "y")
+    top = xs == xs.max()
+    fit = fit_power_law(xs[~top], ys[~top], irreducible, bootstrap=0)
+    true = float(ys[top].mean())
+    pred = float(predict(fit, float(xs.max())))
+    return {"x": float(xs.max()), "true": true, "pred": pred, "rel_error": abs(pred - true) / true}
+
+
+# --------------------------------------------------------------------------------------------
+# the metrics/scaling.json contract
+
+
+def _group_name(group: Mapping[str, Any], group_by: Sequence[str], x_key: str) -> str:
+    # task first, then pool, then anything else: "zeroshot/diverse/vs_flops".
+    order = sorted(group_by, key=lambda k: {"task": 0, "pool": 1}.get(k, 2))
+    return "/".join([*(str(group[k]) for k in order), f"vs_{x_key}"])
+
+
+def _require(runs: list[Mapping[str, Any]], keys: Iterable[str]) -> None:
+    for i, run in enumerate(runs):
+        missing = [k for k in keys if k not in run]
+        if missing:
+            raise DataError(f"scaling run {i} ({dict(run)}) lacks {missing}; record them per run")
+
+
+def _one_fit(
+    runs: list[Mapping[str, Any]],
+    x_key: str,
+    y_key: str,
+    as_error: bool,
+    irreducible: bool,
+    bootstrap: int,
+    seed: int,
+) -> dict[str, Any]:
+    x = np.array([float(r[x_key]) for r in runs])
+    v = np.array([float(r[y_key]) for r in runs])
+    y = 1.0 - v if as_error else v
+    fit = fit_power_law(x, y, irreducible, bootstrap, seed)
+    try:
+        holdout = holdout_error(x, y, irreducible)["rel_error"]
+    except ValueError:
+        holdout = None  # too few distinct x left once the largest is held out
+    return {**fit.to_dict(), "holdout_rel_error": holdout}
+
+
+def fit_scaling_table(
+    runs: list[Mapping[str, Any]],
+    y_key: str,
+    x_keys: Sequence[str] = ("flops", "samples", "params"),
+    group_by: Sequence[str] = ("pool", "task"),
+    irreducible: bool = False,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    as_error: bool = True,
+) -> dict[str, Any]:
+    """One power law per group (pool × task) and per x key, as ``metrics/scaling.json``.
+
+    Each run is a flat dict, e.g. ``{"pool": "diverse", "task": "zeroshot", "flops": 3e12,
+    "samples": 6000, "params": 1.2e6, "accuracy": 0.41}``. With ``as_error`` the fitted
+    quantity is 1 − run[y_key] (accuracy or recall@k → error). Fits are named
+    ``<task>/<pool>/vs_<x_key>``; groups with too few distinct x values are skipped with a
+    logged warning. ``holdout_rel_error`` is None when the hold-out fit is impossible.
+    """
+    runs = [dict(r) for r in runs]
+    _require(runs, [*group_by, *x_keys, y_key])
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run[k] for k in group_by), []).append(run)
+    fits: dict[str, Any] = {}
+    for key in sorted(groups, key=lambda t: tuple(map(str, t))):
+        group = dict(zip(group_by, key, strict=True))
+        for x_key in x_keys:
+            name = _group_name(group, group_by, x_key)
+            try:
+                entry = _one_fit(groups[key], x_key, y_key, as_error, irreducible, bootstrap, seed)
+            except ValueError as err:
+                log.warning("skipping scaling fit %s: %s", name, err)
+                continue
+            fits[name] = {**entry, "x": x_key, **{k: group[k] for k in group_by}}
+    return {"fits": fits, "runs": runs}

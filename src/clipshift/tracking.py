@@ -1,0 +1,290 @@
+"""MLflow plumbing: one parent run per pipeline, one child run per stage, lineage tags.
+
+The default store is ``sqlite:///mlflow.db`` with artifacts under ``./mlartifacts``;
+``MLFLOW_TRACKING_URI`` points everything at a server instead. A pipeline's parent run is found
+by its key — the git commit, the params.yaml hash and the DVC experiment name — so the separate
+processes that ``dvc repro`` starts for each stage nest under the same parent. Set
+``CLIPSHIFT_PIPELINE_RUN_ID`` to nest under a given run instead (the Prefect pipeline flow does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = os.environ.get("CLIPSHIFT_EXPERIMENT", "clipshift")
+PIPELINE_KEY_TAG = "clipshift.pipeline_key"
+SECRET_ENV_MARKERS = ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY", "CREDENTIAL")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+
+
+def _is_local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def git_state() -> dict[str, str]:
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def file_sha256(path: str | Path) -> str:
+    path = Path(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
+
+
+def pipeline_key(params_path: str | Path = "params.yaml") -> str:
+    parts = [
+        git_state()["git.commit"],
+        file_sha256(params_path),
+        os.environ.get("DVC_EXP_NAME", ""),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def dvc_dep_hashes(stage: str, root: str | Path = ".") -> dict[str, str]:
+    """md5 of each dep of ``stage`` as dvc.lock records it (as the upstream stage's out).
+
+    dvc.lock is rewritten only after a stage finishes, so the current hashes of our deps are
+    the outs of the stages upstream of us; a dep with no record yet is reported as 'unknown'.
+    """
+    root = Path(root)
+    try:
+        spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+        lock = yaml.safe_load((root / "dvc.lock").read_text()).get("stages", {})
+    except (OSError, TypeError, KeyError, yaml.YAMLError):
+        return {}
+    known: dict[str, str] = {}
+    for entry in lock.values():
+        for item in [*entry.get("outs", []), *entry.get("deps", [])]:
+            known.setdefault(item["path"], item.get("md5", "unknown"))
+    base = stage.split("@", 1)[0]
+    deps = spec.get(base, {}).get("deps", [])
+    return {f"dvc.dep.{d}": known.get(d, "unknown") for d in deps if isinstance(d, str)}
+
+
+def lineage_tags(stage: str) -> dict[str, str]:
+    tags = {
+        **git_state(),
+        "dvc.stage": os.environ.get("DVC_STAGE", stage),
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc.exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        "clipshift.stage": stage,
+    }
+    tags.update(dvc_dep_hashes(stage))
+    return {k.replace("@", "_at_"): v for k, v in tags.items()}
+
+
+def redact(value: Any) -> Any:
+    """Replace any secret found in the environment by '***' before it reaches MLflow."""
+    text = str(value)
+    for name, secret in os.environ.items():
+        if secret and len(secret) >= 8 and any(m in name.upper() for m in SECRET_ENV_MARKERS):
+            text = text.replace(secret, "***")
+    return text
+
+
+class MlflowTracker:
+    """A Tracker over one MLflow run. Metrics that fail to send are buffered and re-sent later,
+    so an MLflow outage never stops training; ``flush`` reports what is still pending."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self._pending: list[Any] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.flush(raise_on_error=False)
+
+    def flush(self, raise_on_error: bool = True) -> int:
+        while self._pending:
+            batch = self._pending[:1000]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as exc:  # noqa: BLE001 - any transport error means "try later"
+                if raise_on_error:
+                    raise
+                log.warning("MLflow unreachable (%s); %d metrics buffered", exc, len(self._pending))
+                return len(self._pending)
+            del self._pending[: len(batch)]
+        return 0
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, redact(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key.replace("@", "_at_"), redact(value))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: dict[str, Any], name: str) -> None:
+        self.client.log_text(self.run_id, json.dumps(obj, indent=2, default=str), name)
+
+
+def _client() -> Any:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.MlflowClient()
+
+
+def experiment_id(client: Any, name: str = EXPERIMENT) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if _is_local_store(tracking_uri()):
+        location = Path("mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def pipeline_run_id(client: Any, exp_id: str, params_path: str | Path = "params.yaml") -> str:
+    """The parent run of this pipeline: given by env, found by key, or created."""
+    if run_id := os.environ.get("CLIPSHIFT_PIPELINE_RUN_ID"):
+        return run_id
+    key = pipeline_key(params_path)
+    found = client.search_runs(
+        [exp_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'", max_results=1
+    )
+    if found:
+        return found[0].info.run_id
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    run = client.create_run(
+        exp_id,
+        run_name=f"pipeline-{exp_name or 'workspace'}-{key[:6]}",
+        tags={PIPELINE_KEY_TAG: key, "clipshift.kind": "pipeline", **git_state()},
+    )
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    params: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> Iterator[MlflowTracker]:
+    """A child run of the pipeline run for one stage; FAILED if the body raises."""
+    client = _client()
+    exp_id = experiment_id(client)
+    parent = parent_run_id or pipeline_run_id(client, exp_id)
+    tags = {"mlflow.parentRunId": parent, **lineage_tags(stage), **(extra_tags or {})}
+    run = client.create_run(exp_id, run_name=run_name or stage, tags=tags)
+    tracker = MlflowTracker(client, run.info.run_id)
+    if params:
+        tracker.log_params(flatten(params))
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    finally:
+        pending = tracker.flush(raise_on_error=False)
+        if pending:
+            Path("metrics").mkdir(exist_ok=True)
+            Path(f"metrics/unsent-{run.info.run_id}.json").write_text(
+                json.dumps([m.to_dictionary() for m in tracker._pending])
+            )
+        client.set_terminated(run.info.run_id, status)
+        client.set_terminated(parent, "FINISHED" if status == "FINISHED" else "FAILED")
+
+
+@contextlib.contextmanager
+def child_run(parent: MlflowTracker, name: str, tags: dict[str, str] | None = None):
+    """A run nested under a stage run (e.g. one per trained model)."""
+    client = parent.client
+    exp_id = client.get_run(parent.run_id).info.experiment_id
+    run = client.create_run(
+        exp_id, run_name=name, tags={"mlflow.parentRunId": parent.run_id, **(tags or {})}
+    )
+    tracker = MlflowTracker(client, run.info.run_id)
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    finally:
+        tracker.flush(raise_on_error=False)
+        client.set_terminated(run.info.run_id, status)
+
+
+def run_url(run_id: str) -> str:
+    """Where a person looks at this run (the server's UI, or `mlflow ui` on the local store)."""
+    base = tracking_uri()
+    if _is_local_store(base):
+        base = "http://127.0.0.1:5000"
+    client = _client()
+    exp_id = client.get_run(run_id).info.experiment_id
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/lists to dotted keys, the shape MLflow params and DVC params share."""
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(obj, list):
+        return {prefix.rstrip("."): json.dumps(obj)}
+    return {prefix.rstrip("."): obj}
+
+
+def log_datasets(tracker: MlflowTracker, manifest: dict, data_dir: Path) -> None:
+    """Record each dataset as an MLflow run input (name, content digest, source, profile)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for name, info in sorted(manifest["datasets"].items()):
+        digest = hashlib.sha256("".join(s["sha256"] for s in info["shards"]).encode()).hexdigest()
+        dataset = Dataset(
+            name=name,
+            digest=digest[:16],
+            source_type="local",
+            source=json.dumps({"uri": str((Path(data_dir) / name).resolve())}),
+            profile=json.dumps(
+                {
+                    "num_samples": info["num_samples"],
+                    "role": info["role"],
+                    "num_classes": len(info.get("classes") or []),
+                }
+            ),
+        )
+        inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", info["role"])]))
+    tracker.client.log_inputs(tracker.run_id, datasets=inputs)
