@@ -150,10 +150,6 @@ def read_exclude(validate_dir: str | Path, dataset_name: str) -> set[str]:
     return set(data.get(dataset_name, []))
 
 
-def _common_size(dataset_dir: str | Path) -> int | None:
-    return load_info(dataset_dir).image_size
-
-
 def load_labelled(dataset_dir: str | Path, exclude: set[str] | None = None) -> LabelledData:
     """Decode every sample of a small labelled dataset into memory, once."""
     info = load_info(dataset_dir)

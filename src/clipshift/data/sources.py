@@ -72,7 +72,7 @@ class RemoteStat:
 
 
 def expand_braces(uri: str) -> list[str]:
-    """``shard-{000..002}.tar`` -> three URIs (bash rules, as webdataset uses); no braces -> [uri]."""
+    """``shard-{000..002}.tar`` -> three URIs (bash rules, as webdataset uses)."""
     try:
         expanded = list(braceexpand(uri))
     except UnbalancedBracesError:

@@ -1,0 +1,461 @@
+"""Adapting a pretrained CLIP to the reference task: zero-shot, end-to-end, linear probe, k-NN.
+
+- **Zero-shot**: the vision tower plus a head of prompt-ensembled class embeddings
+  (:mod:`clipshift.zeroshot`).
+- **End-to-end** (WiSE-FT's "standard fine-tuning", Wortsman et al. 2022): start from the
+  zero-shot classifier and train the whole vision tower and the head with cross-entropy,
+  AdamW and a warmup + cosine schedule. The text tower is not used after the head is built.
+- **Linear probe** (CLIP's protocol, Radford et al. 2021, §3.2): an L2-regularised logistic
+  regression on frozen, L2-normalised features; the regularisation strength is chosen on the
+  validation split from a small log-spaced grid.
+- **k-NN** (DINO's evaluation, Caron et al. 2021, ``eval_knn.py``): cosine similarity to the
+  training features, the k nearest vote with weight exp(similarity / T), T = 0.07.
+
+:func:`run_finetune` is the stage: it writes every model plus ``index.json`` (see
+:mod:`clipshift.registry`) under ``cfg.out_dir``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipshift.checkpoints import load_checkpoint, save_checkpoint
+from clipshift.classifier import (
+    ImageClassifier,
+    clip_classifier,
+    default_device,
+    extract_features,
+    make_head,
+    predict_logits,
+    save_classifier,
+)
+from clipshift.config import FinetuneConfig
+from clipshift.errors import CheckpointError, DataError
+from clipshift.io_utils import write_json_atomic
+from clipshift.models import ClipBundle, create_clip
+from clipshift.registry import ModelEntry, write_index
+from clipshift.tracking_api import NullTracker, Tracker
+from clipshift.zeroshot import zeroshot_head
+
+KNN_FORMAT = "clipshift-knn-v1"
+KNN_TEMPERATURE = 0.07  # DINO's default; sharper than 1, softer than a hard majority vote
+PRETRAINED_FILE = "checkpoint.pt"
+
+
+def _normalize_fn() -> Callable[..., torch.Tensor]:
+    from clipshift.data.loaders import normalize
+
+    return normalize
+
+
+# --------------------------------------------------------------------------------------------
+# zero-shot
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> ClipBundle:
+    """A CLIP from a checkpoint written by the pretrain stage (``save_open_clip_checkpoint``)."""
+    state = load_checkpoint(path)
+    missing = [k for k in ("state_dict", "name", "model_config") if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint '{path}' lacks {missing}; it was not written by clipshift pretrain — "
+            "re-run `dvc repro pretrain`"
+        )
+    bundle = create_clip(state["name"], device=device, config=state["model_config"])
+    bundle.model.load_state_dict(state["state_dict"])
+    bundle.model.eval()
+    return bundle
+
+
+def zeroshot_classifier(
+    bundle: ClipBundle,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    batch_size: int = 256,
+) -> ImageClassifier:
+    """The zero-shot classifier of a CLIP: its vision tower + logit_scale · prompt-ensemble head."""
+    device = next(bundle.model.parameters()).device
+    head = zeroshot_head(bundle.model, bundle.tokenizer, classnames, templates, device, batch_size)
+    return clip_classifier(bundle.model, head).to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# end-to-end training (also used for the from-scratch baselines)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random zoom-crop, shift and brightness/contrast jitter of a uint8 batch, batched.
+
+    No flips: many emoji are not mirror-symmetric in meaning (arrows, hands, text), so a flip
+    can change the class. Zoom 0.75–1 with the crop anywhere inside the image ≈ torchvision's
+    RandomResizedCrop with a mild scale range; ±6 % extra shift (border-padded).
+    """
+    n = images.shape[0]
+    x = images.float() / 255.0
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+    scale = uniform(0.75, 1.0)
+    tx = (1 - scale) * uniform(-1, 1) + uniform(-0.06, 0.06)
+    ty = (1 - scale) * uniform(-1, 1) + uniform(-0.06, 0.06)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = scale, scale, tx, ty
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    brightness = uniform(0.8, 1.2).view(n, 1, 1, 1)
+    contrast = uniform(0.8, 1.2).view(n, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * contrast + mean) * brightness
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def cosine_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def accuracy_of(
+    clf: ImageClassifier, data, batch_size: int = 256, device: str | torch.device = "cpu"
+) -> float:
+    logits = predict_logits(clf, data.images, batch_size, _normalize_fn(), device)
+    return float((logits.argmax(dim=1) == torch.as_tensor(data.labels)).float().mean())
+
+
+def finetune_end_to_end(
+    clf: ImageClassifier,
+    train,
+    val=None,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 64,
+    weight_decay: float = 0.1,
+    warmup_fraction: float = 0.1,
+    grad_clip_norm: float | None = 1.0,
+    use_augment: bool = True,
+    seed: int = 0,
+    tracker: Tracker | None = None,
+    log_prefix: str = "finetune",
+    progress: bool = False,
+    device: str | torch.device | None = None,
+) -> ImageClassifier:
+    """Train every parameter of ``clf`` (tower + head) on ``train`` with cross-entropy.
+
+    AdamW + linear warmup (``warmup_fraction`` of the steps) + cosine decay, batches shuffled
+    by a generator seeded with ``seed`` (so a run is reproducible on one device). Logs
+    ``<log_prefix>/loss`` per step and ``<log_prefix>/val_accuracy`` per epoch. Returns
+    ``clf`` (trained in place, in eval mode).
+    """
+    tracker = tracker or NullTracker()
+    device = torch.device(device) if device is not None else default_device()
+    normalize = _normalize_fn()
+    labels = torch.as_tensor(train.labels, dtype=torch.long)
+    n = len(labels)
+    if n == 0:
+        raise DataError("the train split is empty; check data/fetch/train and the exclude lists")
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch
+    clf.to(device).train()
+    size = clf.visual.image_size[0] if hasattr(clf.visual, "image_size") else None
+    optimizer = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_schedule(total, int(warmup_fraction * total))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    bar = _progress(total, progress, log_prefix)
+    step = 0
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            batch = train.images[idx]
+            if use_augment:
+                batch = augment(batch, gen)
+            logits = clf(normalize(batch, size).to(device))
+            loss = F.cross_entropy(logits, labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip_norm:
+                nn.utils.clip_grad_norm_(clf.parameters(), grad_clip_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            if step % 10 == 0 or step == total:
+                tracker.log_metrics({f"{log_prefix}/loss": float(loss)}, step=step)
+        if val is not None:
+            acc = accuracy_of(clf, val, 256, device)
+            tracker.log_metrics({f"{log_prefix}/val_accuracy": acc}, step=step)
+            clf.train()
+        del epoch
+    if bar is not None:
+        bar.close()
+    return clf.eval()
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+# --------------------------------------------------------------------------------------------
+# linear probe
+
+
+def _fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, steps: int, lr: float, seed: int
+) -> nn.Linear:
+    """Full-batch Adam on mean cross-entropy + l2/2 · ||W||² (bias unpenalised)."""
+    torch.manual_seed(seed)
+    head = nn.Linear(x.shape[1], num_classes)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = F.cross_entropy(head(x), y) + 0.5 * l2 * head.weight.pow(2).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return head.requires_grad_(False)
+
+
+def train_linear_probe(
+    features_train: torch.Tensor,
+    labels_train: torch.Tensor,
+    features_val: torch.Tensor | None = None,
+    labels_val: torch.Tensor | None = None,
+    *,
+    num_classes: int | None = None,
+    weight_decays: Sequence[float] = (1e-4,),
+    steps: int = 200,
+    lr: float = 1e-2,
+    normalize: bool = True,
+    seed: int = 0,
+) -> tuple[nn.Linear, dict[str, Any]]:
+    """A logistic-regression head on (L2-normalised) features.
+
+    The L2 strength is chosen from ``weight_decays`` by validation accuracy (ties → the
+    stronger regulariser, the simpler model), as CLIP's linear-probe protocol sweeps its C on a
+    held-out split. The final head is the one trained with that strength on the train split
+    only: refitting on train+val would leak val, which later chooses WiSE-FT's α.
+    Returns ``(head, {"weight_decay", "val_accuracy": {wd: acc}})``.
+    """
+    num_classes = num_classes or int(labels_train.max()) + 1
+    prep = (lambda f: F.normalize(f.float(), dim=-1)) if normalize else (lambda f: f.float())
+    x, y = prep(features_train), torch.as_tensor(labels_train, dtype=torch.long)
+    grid = sorted(set(float(w) for w in weight_decays))
+    if len(grid) == 1 or features_val is None:
+        wd = grid[-1]
+        head = _fit_logistic(x, y, num_classes, wd, steps, lr, seed)
+        return head, {"weight_decay": wd, "val_accuracy": {}}
+    xv, yv = prep(features_val), torch.as_tensor(labels_val, dtype=torch.long)
+    scores: dict[float, float] = {}
+    heads: dict[float, nn.Linear] = {}
+    for wd in grid:
+        heads[wd] = _fit_logistic(x, y, num_classes, wd, steps, lr, seed)
+        scores[wd] = float((heads[wd](xv).argmax(1) == yv).float().mean())
+    best = max(grid, key=lambda w: (scores[w], w))
+    return heads[best], {"weight_decay": best, "val_accuracy": {str(k): v for k, v in scores.items()}}
+
+
+# --------------------------------------------------------------------------------------------
+# k-NN
+
+
+@torch.no_grad()
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    k: int = 10,
+    num_classes: int | None = None,
+    temperature: float = KNN_TEMPERATURE,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Class probabilities ``[N_test, classes]`` of a weighted k-NN on cosine similarity.
+
+    As in DINO's ``eval_knn.py``: the k most similar training features vote for their label
+    with weight exp(cos / T); votes are normalised to sum to 1 per test example.
+    """
+    train_labels = torch.as_tensor(train_labels, dtype=torch.long)
+    num_classes = num_classes or int(train_labels.max()) + 1
+    k = min(k, len(train_labels))
+    bank = F.normalize(train_feats.float(), dim=-1)
+    out = []
+    for start in range(0, len(test_feats), chunk):
+        queries = F.normalize(test_feats[start : start + chunk].float(), dim=-1)
+        sims, idx = (queries @ bank.T).topk(k, dim=1)
+        weights = (sims / temperature).exp()
+        votes = torch.zeros(len(queries), num_classes)
+        votes.scatter_add_(1, train_labels[idx], weights)
+        out.append(votes / votes.sum(dim=1, keepdim=True))
+    if not out:
+        return torch.zeros(0, num_classes)
+    return torch.cat(out)
+
+
+def save_knn(path: str | Path, train_feats: torch.Tensor, train_labels: torch.Tensor, meta: dict) -> Path:
+    """k-NN "model" = training features + labels; ``meta['visual_checkpoint']`` names the
+    classifier file (same directory) whose vision tower computes the features."""
+    state = {
+        "format": KNN_FORMAT,
+        "train_features": train_feats.float().cpu().contiguous(),
+        "train_labels": torch.as_tensor(train_labels, dtype=torch.long).cpu(),
+        "meta": meta,
+    }
+    save_checkpoint(path, state)
+    return Path(path)
+
+
+def load_knn(path: str | Path) -> dict[str, Any]:
+    state = load_checkpoint(path)
+    if state.get("format") != KNN_FORMAT:
+        raise CheckpointError(f"'{path}' is not a clipshift k-NN file; re-run the finetune stage")
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+
+def find_pools(pretrain_dir: str | Path) -> list[str]:
+    """Pools with a pretrained checkpoint: ``<pretrain_dir>/<pool>/checkpoint.pt``."""
+    root = Path(pretrain_dir)
+    return sorted(p.parent.name for p in root.glob(f"*/{PRETRAINED_FILE}"))
+
+
+def _load_split(data_dir: str | Path, name: str):
+    from clipshift.data.loaders import load_labelled
+
+    return load_labelled(Path(data_dir) / name, None)
+
+
+def _clip_meta(bundle: ClipBundle, classes: Sequence[str], kind: str, pool: str, **extra) -> dict:
+    return {
+        "model_name": bundle.name,
+        "model_config": bundle.config,
+        "classnames": list(classes),
+        "kind": kind,
+        "pool": pool,
+        **extra,
+    }
+
+
+def run_finetune(cfg: FinetuneConfig, tracker: Tracker | None = None, progress: bool = True) -> dict:
+    """The finetune stage; returns a summary (also written to ``<out_dir>/finetune.json``)."""
+    from clipshift.baselines import train_baselines
+
+    tracker = tracker or NullTracker()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pools = find_pools(cfg.pretrain_dir)
+    if cfg.pool not in pools:
+        raise DataError(
+            f"no pretrained model for pool '{cfg.pool}' in {cfg.pretrain_dir} (found {pools}); "
+            "run `dvc repro pretrain` or set finetune.pool to one of them"
+        )
+    train, val = _load_split(cfg.data_dir, "train"), _load_split(cfg.data_dir, "val")
+    if list(train.classes) != list(val.classes):
+        raise DataError("train and val list different classes; re-run fetch")
+    classes = list(train.classes)
+    device = default_device()
+    entries: list[ModelEntry] = []
+    summary: dict[str, Any] = {"pools": pools, "models": {}}
+    tracker.log_params({"finetune.pools": ",".join(pools), "finetune.num_classes": len(classes)})
+
+    def record(entry: ModelEntry, seconds: float, **facts: Any) -> None:
+        entry.extra.update({"train_seconds": round(seconds, 2), **facts})
+        entries.append(entry)
+        summary["models"][entry.id] = {"kind": entry.kind, "pool": entry.pool, **entry.extra}
+        if "val_accuracy" in facts:
+            tracker.log_metrics({f"val_accuracy/{entry.id}": facts["val_accuracy"]})
+
+    for pool in pools:
+        pretrained = Path(cfg.pretrain_dir) / pool / PRETRAINED_FILE
+        t0 = time.perf_counter()
+        bundle = load_pretrained(pretrained, device)
+        zs = zeroshot_classifier(bundle, classes, cfg.templates, cfg.batch_size)
+        zs_file = f"zeroshot-{pool}.pt"
+        meta = _clip_meta(bundle, classes, "zeroshot", pool, templates=list(cfg.templates))
+        save_classifier(out / zs_file, zs, meta)
+        val_acc = accuracy_of(zs, val, cfg.batch_size, device)
+        record(ModelEntry(id=f"zeroshot-{pool}", kind="zeroshot", pool=pool, path=zs_file,
+                          extra={"pretrained": str(pretrained)}),
+               time.perf_counter() - t0, val_accuracy=val_acc)
+        # Linear probe and k-NN are cheap (one feature pass): do them for every pool, so the
+        # pools can be compared on them too.
+        t0 = time.perf_counter()
+        normalize = _normalize_fn()
+        f_train = extract_features(zs.visual, train.images, cfg.batch_size, normalize, device)
+        f_val = extract_features(zs.visual, val.images, cfg.batch_size, normalize, device)
+        grid = [cfg.linear_weight_decay * 10.0**e for e in (-2, -1, 0, 1, 2)]
+        head, info = train_linear_probe(
+            f_train, train.labels, f_val, val.labels, num_classes=len(classes),
+            weight_decays=grid if cfg.linear_weight_decay > 0 else [0.0],
+            steps=cfg.linear_epochs, lr=cfg.linear_lr, seed=cfg.seed,
+        )
+        probe = ImageClassifier(copy.deepcopy(zs.visual), make_head(head.weight, head.bias), True)
+        lin_file = f"linear-{pool}.pt"
+        save_classifier(out / lin_file, probe, {**meta, "kind": "linear", **info})
+        lin_val = float((head(F.normalize(f_val, dim=-1)).argmax(1) == val.labels).float().mean())
+        record(ModelEntry(id=f"linear-{pool}", kind="linear", pool=pool, path=lin_file,
+                          extra={"weight_decay": info["weight_decay"]}),
+               time.perf_counter() - t0, val_accuracy=lin_val)
+        knn_file = f"knn-{pool}.pt"
+        knn_meta = {**meta, "kind": "knn", "k": cfg.knn_k, "temperature": KNN_TEMPERATURE,
+                    "visual_checkpoint": zs_file, "num_classes": len(classes)}
+        save_knn(out / knn_file, f_train, train.labels, knn_meta)
+        probs = knn_predict(f_train, train.labels, f_val, cfg.knn_k, len(classes))
+        knn_val = float((probs.argmax(1) == torch.as_tensor(val.labels)).float().mean())
+        record(ModelEntry(id=f"knn-{pool}", kind="knn", pool=pool, path=knn_file,
+                          extra={"k": cfg.knn_k}), 0.0, val_accuracy=knn_val)
+        if pool == cfg.pool:
+            for i, lr in enumerate(cfg.soup_lrs):
+                t0 = time.perf_counter()
+                clf = copy.deepcopy(zs)
+                finetune_end_to_end(
+                    clf, train, val, epochs=cfg.e2e_epochs, lr=lr, batch_size=cfg.e2e_batch_size,
+                    seed=cfg.seed + i, tracker=tracker, log_prefix=f"finetune/{pool}-{i}",
+                    progress=progress, device=device,
+                )
+                ft_file = f"finetuned-{pool}-{i}.pt"
+                save_classifier(out / ft_file, clf,
+                                {**meta, "kind": "finetuned", "lr": lr, "seed": cfg.seed + i})
+                record(ModelEntry(id=f"finetuned-{pool}-{i}", kind="finetuned", pool=pool,
+                                  path=ft_file, extra={"lr": lr, "seed": cfg.seed + i, "main": i == 0}),
+                       time.perf_counter() - t0, val_accuracy=accuracy_of(clf, val, cfg.batch_size, device))
+        del bundle
+
+    image_size = int(train.images.shape[-1])
+    for trained in train_baselines(cfg.baselines, train, val, image_size, cfg.seed, tracker, device=device):
+        path = f"{trained.id}.pt"
+        save_classifier(out / path, trained.clf, {**trained.meta, "classnames": classes})
+        record(ModelEntry(id=trained.id, kind="baseline", pool=None, path=path,
+                          extra=dict(trained.meta["spec"])),
+               trained.seconds, val_accuracy=trained.val_accuracy)
+
+    write_index(out, entries)
+    write_json_atomic(out / "finetune.json", summary)
+    tracker.log_dict(summary, "finetune.json")
+    return summary
