@@ -30,7 +30,12 @@ def fetch_sources(
     datasets = {}
     for src in cfg.sources:
         info: DatasetInfo = fetch_source(
-            src, out_dir, Path(cfg.cache_dir), task_classes=task_classes, progress=progress
+            src,
+            out_dir,
+            Path(cfg.cache_dir),
+            task_classes=task_classes,
+            progress=progress,
+            shard_size=cfg.world.shard_size,
         )
         datasets[info.name] = info.model_dump()
     return datasets

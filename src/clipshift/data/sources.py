@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from braceexpand import UnbalancedBracesError, braceexpand
 
-from clipshift.data.download import CHUNK, RangeResponse, TransientError, download
+from clipshift.data.download import CHUNK, RangeResponse, TransientError, download, part_path
 from clipshift.data.shards import sha256_file
 from clipshift.errors import ConfigError, DataError
 
@@ -179,7 +179,7 @@ def s3_error(exc: Exception, bucket: str, key: str | None) -> DataError:
         if code in ("NoSuchKey", "404", "NotFound"):
             return DataError(
                 f"S3 object {target} not found (bucket '{bucket}', key '{key}'); check the key "
-                f"and list the bucket with `aws s3 ls s3://{bucket}/`"
+                f"(a prefix must end with '/') and list the bucket: `aws s3 ls s3://{bucket}/`"
             )
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return DataError(
@@ -224,13 +224,14 @@ def _check_bucket(bucket: str) -> None:
         raise s3_error(exc, bucket, None) from None
 
 
-def s3_list(bucket: str, prefix: str) -> list[tuple[str, int]]:
-    """(key, size) of every object under ``prefix``, sorted by key."""
-    found: list[tuple[str, int]] = []
+def s3_list(bucket: str, prefix: str) -> list[tuple[str, RemoteStat]]:
+    """(key, size and ETag) of every object under ``prefix``, sorted by key."""
+    found: list[tuple[str, RemoteStat]] = []
     try:
         pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         for page in pages:
-            found.extend((obj["Key"], obj["Size"]) for obj in page.get("Contents", []))
+            for obj in page.get("Contents", []):
+                found.append((obj["Key"], RemoteStat(obj["Size"], obj.get("ETag"))))
     except Exception as exc:  # noqa: BLE001
         raise s3_error(exc, bucket, prefix) from None
     return sorted(found)
@@ -354,7 +355,9 @@ def materialise(
 
     Remote files land in ``<cache>/downloads/<sha256>`` when a checksum is given (content
     addressed: a changed URI with the same content is not downloaded again), otherwise in
-    ``<cache>/downloads/<hash of uri>-<name>``, reused while the remote size is unchanged.
+    ``<cache>/downloads/<hash of uri>-<name>``, reused while the remote size and ETag are
+    unchanged. A ``.version`` file beside each download (and beside its ``.part``) records the
+    ETag, so a part-file of an older version of the object is never resumed into a newer one.
     """
     if not loc.is_remote:
         path = require_local(loc)
@@ -366,7 +369,11 @@ def materialise(
     if dest.exists() and _cached_ok(dest, stat, sha256):
         return dest
     dest.unlink(missing_ok=True)
-    return download(
+    part_version = _version_file(part_path(dest))
+    _drop_stale_part(dest, stat)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part_version.write_text(stat.etag or "")
+    download(
         opener(loc),
         dest,
         source=loc.uri,
@@ -374,6 +381,8 @@ def materialise(
         expected_size=stat.size,
         progress=progress,
     )
+    os.replace(part_version, _version_file(dest))
+    return dest
 
 
 def remote_stat(loc: Location) -> RemoteStat:
@@ -397,9 +406,24 @@ def cache_path(loc: Location, cache_dir: Path, sha256: str | None) -> Path:
     return downloads / f"{tag}-{name}"
 
 
+def _version_file(path: Path) -> Path:
+    return path.with_name(path.name + ".version")
+
+
+def _drop_stale_part(dest: Path, stat: RemoteStat) -> None:
+    part = part_path(dest)
+    version = _version_file(part)
+    recorded = version.read_text() if version.exists() else None
+    if part.exists() and stat.etag and recorded != stat.etag:
+        part.unlink()
+
+
 def _cached_ok(path: Path, stat: RemoteStat, sha256: str | None) -> bool:
     if sha256 is not None:
         return sha256_file(path) == sha256
+    version = _version_file(path)
+    if stat.etag and (not version.exists() or version.read_text() != stat.etag):
+        return False
     return stat.size is None or path.stat().st_size == stat.size
 
 
