@@ -39,10 +39,16 @@ def _check(model_cfg: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str
             "vision_cfg and text_cfg"
         ) from None
     if isinstance(vision.get("layers", 12), (list, tuple)):
-        raise ConfigError("FLOPs/params counting supports ViT towers only, not ResNet (layers is a list)")
-    bad = [k for k in _UNSUPPORTED_VISION if vision.get(k)] + [k for k in _UNSUPPORTED_TEXT if text.get(k)]
+        raise ConfigError(
+            "FLOPs/params counting supports ViT towers only, not ResNet (layers is a list)"
+        )
+    bad = [k for k in _UNSUPPORTED_VISION if vision.get(k)] + [
+        k for k in _UNSUPPORTED_TEXT if text.get(k)
+    ]
     if bad:
-        raise ConfigError(f"FLOPs/params counting does not model {bad}; use a plain ViT CLIP config")
+        raise ConfigError(
+            f"FLOPs/params counting does not model {bad}; use a plain ViT CLIP config"
+        )
     return vision, text
 
 

@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # headless: pipelines and CI have no display
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from clipshift.robustness import from_axis, to_axis  # noqa: E402
 from clipshift.scaling import fit_power_law, holdout_error, predict, prediction_band  # noqa: E402
@@ -106,20 +107,33 @@ def _draw_wiseft(ax: plt.Axes, points: dict, transform: str, extra: dict) -> set
         ids = [mid for _, mid in members]
         zx = to_axis([points[m]["x"] for m in ids], transform)
         zy = to_axis([points[m]["y"] for m in ids], transform)
-        colour = _kind_style(points[ids[0]].get("kind"), extra)[0]
+        colour = KIND_STYLE["wiseft"][0]
         style = _POOL_LINESTYLES[i % len(_POOL_LINESTYLES)]
         ax.plot(zx, zy, ls=style, color=colour, lw=1.8, zorder=3, label=f"WiSE-FT α-curve ({pool})")
         ax.scatter(zx, zy, s=22, color=colour, zorder=4)
         # Highlight the ends: α=min is the zero-shot model, α=max the fine-tuned one.
-        ax.scatter(zx[0], zy[0], s=260, marker="*", color=KIND_STYLE["zeroshot"][0],
-                   edgecolor="black", linewidth=0.8, zorder=6)
-        ax.scatter(zx[-1], zy[-1], s=110, marker="s", color=KIND_STYLE["finetuned"][0],
-                   edgecolor="black", linewidth=0.8, zorder=6)
+        for j, kind, size in [(0, "zeroshot", 260), (-1, "finetuned", 110)]:
+            colour_j, marker = KIND_STYLE[kind]
+            ax.scatter(zx[j], zy[j], s=size, marker=marker, color=colour_j, edgecolor="black",
+                       linewidth=0.8, zorder=6)  # fmt: skip
         for j in sorted({0, len(ids) // 2, len(ids) - 1}):
-            ax.annotate(f"α={members[j][0]:g}", (zx[j], zy[j]), xytext=(6, 6),
-                        textcoords="offset points", fontsize=8, zorder=7)
-        ax.annotate(pool, (zx[-1], zy[-1]), xytext=(6, -12), textcoords="offset points",
-                    fontsize=8, style="italic", color=colour)
+            ax.annotate(
+                f"α={members[j][0]:g}",
+                (zx[j], zy[j]),
+                xytext=(6, 6),
+                textcoords="offset points",
+                fontsize=8,
+                zorder=7,
+            )
+        ax.annotate(
+            pool,
+            (zx[-1], zy[-1]),
+            xytext=(6, -12),
+            textcoords="offset points",
+            fontsize=8,
+            style="italic",
+            color=colour,
+        )
         drawn.update(ids)
     return drawn
 
@@ -133,39 +147,78 @@ def _draw_kinds(ax: plt.Axes, points: dict, skip: set[str], transform: str, extr
         big = kind in ("zeroshot", "finetuned")
         rest = [m for m in ids if m not in skip]
         if rest:
-            ax.scatter(to_axis([points[m]["x"] for m in rest], transform),
-                       to_axis([points[m]["y"] for m in rest], transform),
-                       s=200 if big else 36, marker=marker, color=colour, zorder=5,
-                       edgecolor="black" if big else "none", linewidth=0.8, label=kind)
-        elif ids:  # all on the WiSE-FT curve: still give the kind a legend entry
-            ax.scatter([], [], s=36, marker=marker, color=colour, label=kind)
+            ax.scatter(
+                to_axis([points[m]["x"] for m in rest], transform),
+                to_axis([points[m]["y"] for m in rest], transform),
+                s=200 if big else 36,
+                marker=marker,
+                color=colour,
+                zorder=5,
+                edgecolor="black" if big else "none",
+                linewidth=0.8,
+                label=kind,
+            )
+        elif big:  # drawn as a curve end: still give the kind its legend entry
+            ax.scatter(
+                [],
+                [],
+                s=200,
+                marker=marker,
+                color=colour,
+                edgecolor="black",
+                linewidth=0.8,
+                label=kind,
+            )
 
 
 def plot_effective_robustness(
-    summary: Mapping[str, Any], shift: str, path: str | Path, transform: str = "logit"
+    summary: Mapping[str, Any], shift: str, path: str | Path, transform: str | None = None
 ) -> Path:
     """ID vs shift accuracy on ``transform``-scaled axes, with y=x, the baseline line, every
-    model kind and the WiSE-FT α-curves; ``shift="avg"`` plots the mean over shifts."""
+    model kind and the WiSE-FT α-curves; ``shift="avg"`` plots the mean over shifts.
+
+    The axes must be those the line was fitted in, so ``transform`` defaults to the fit's own
+    and any other value is refused.
+    """
+    if shift not in summary["baseline_fit"]:
+        raise KeyError(
+            f"no baseline fit for {shift!r}; choose one of {sorted(summary['baseline_fit'])}"
+        )
     fit = summary["baseline_fit"][shift]
+    fitted = fit.get("transform", "logit")
+    if transform is not None and transform != fitted:
+        raise ValueError(
+            f"the baseline line was fitted on {fitted} axes, cannot draw it on {transform} axes; "
+            f"re-run summarise(..., transform={transform!r}) or plot with transform={fitted!r}"
+        )
+    transform = fitted
     points = _model_points(summary, shift)
     zx = to_axis([p["x"] for p in points.values()], transform)
     zy = to_axis([p["y"] for p in points.values()], transform)
     xlim, ylim = _axis_range(zx), _axis_range(zy)
 
-    fig, ax = plt.subplots(figsize=(6.6, 5.6))
+    fig, ax = plt.subplots(figsize=(8.2, 5.6))
     diag = np.linspace(min(xlim[0], ylim[0]), max(xlim[1], ylim[1]), 50)
     ax.plot(diag, diag, ls="--", color="0.55", lw=1, label="y = x", zorder=1)
     line_x = np.linspace(*xlim, 50)
-    ax.plot(line_x, fit["slope"] * line_x + fit["intercept"], color="black", lw=1.4, zorder=2,
-            label=f"baseline fit (R²={fit['r2']:.2f})")
+    ax.plot(
+        line_x,
+        fit["slope"] * line_x + fit["intercept"],
+        color="black",
+        lw=1.4,
+        zorder=2,
+        label=f"baseline fit (R²={fit['r2']:.2f})",
+    )
     extra: dict[str, tuple[str, str]] = {}
     on_curve = _draw_wiseft(ax, points, transform, extra)
     _draw_kinds(ax, points, on_curve, transform, extra)
 
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
-    for set_ticks, set_labels, lim in [(ax.set_xticks, ax.set_xticklabels, xlim),
-                                       (ax.set_yticks, ax.set_yticklabels, ylim)]:
+    for set_ticks, set_labels, lim in [
+        (ax.set_xticks, ax.set_xticklabels, xlim),
+        (ax.set_yticks, ax.set_yticklabels, ylim),
+    ]:
         positions, labels = _percent_ticks(*lim, transform)
         set_ticks(positions)
         set_labels(labels)
@@ -173,9 +226,10 @@ def plot_effective_robustness(
     name = "mean over shifts" if shift == "avg" else shift
     ax.set_xlabel(f"reference (ID) accuracy, % ({transform} scale)")
     ax.set_ylabel(f"accuracy on {name}, % ({transform} scale)")
-    ax.set_title(f"Effective robustness: {name}\nbaseline fit R² = {fit['r2']:.3f}, "
-                 f"slope {fit['slope']:.2f}")
-    ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
+    ax.set_title(
+        f"Effective robustness: {name}\nbaseline fit R² = {fit['r2']:.3f}, slope {fit['slope']:.2f}"
+    )
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     return _save(fig, path)
 
 
@@ -228,15 +282,17 @@ def plot_scaling(
     lo, hi = prediction_band(x, y, grid, irreducible, bootstrap, seed)
     ax.fill_between(grid, lo, hi, color="#1f77b4", alpha=0.18, lw=0, label="95% bootstrap band")
     curve = predict(fit, grid)
-    label = f"E = {fit['A']:.3g}·x^{fit['alpha']:.3f}"
+    label = f"$E = {fit['A']:.3g}\\,x^{{{fit['alpha']:.3f}}}$"
     if irreducible:
-        label += f" + {fit['E_inf']:.3g}"
+        label = label[:-1] + f" + {fit['E_inf']:.3g}$"
     if fit.get("ci95", {}).get("alpha"):
         a_lo, a_hi = fit["ci95"]["alpha"]
         label += f"\nα 95% CI [{a_lo:.3f}, {a_hi:.3f}]"
     ax.plot(grid[inside], curve[inside], color="#1f77b4", lw=1.8, label=label)
-    ax.plot(grid[~inside], curve[~inside], color="#1f77b4", lw=1.8, ls="--",
-            label="extrapolation")
+    ax.plot(grid[~inside], curve[~inside], color="#1f77b4", lw=1.8, ls="--", label="extrapolation")
+    # Keep the data in view: bootstrap bands of a 3-parameter law can be wild far out.
+    shown = np.concatenate([y, curve])
+    ax.set_ylim(shown.min() / 1.25, shown.max() * 1.25)
     top = x == x.max()
     ax.scatter(x[~top], y[~top], color="black", s=30, zorder=5, label="runs")
     _mark_holdout(ax, x, y, top, irreducible)
@@ -246,17 +302,32 @@ def plot_scaling(
     ax.set_xlabel(_X_LABELS.get(x_key, x_key))
     ax.set_ylabel(f"error (1 − {y_key})" if as_error else y_key)
     where = " / ".join(str(fit[k]) for k in ("task", "pool") if k in fit)
-    ax.set_title(f"Scaling {where}: error vs {_X_LABELS.get(x_key, x_key)}\n"
-                 f"R² (log space) = {fit['r2']:.3f}, n = {len(group)}")
-    ax.grid(True, which="both", color="0.92")
+    ax.set_title(
+        f"Scaling {where}: error vs {_X_LABELS.get(x_key, x_key)}\n"
+        f"R² (log space) = {fit['r2']:.3f}, n = {len(group)}"
+    )
+    # Error spans well under a decade: label the minor ticks too, as plain numbers.
+    plain = FuncFormatter(lambda value, _: f"{value:.2g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.grid(True, which="major", color="0.88")
+    ax.grid(True, which="minor", axis="y", color="0.94")
     ax.legend(fontsize=8, framealpha=0.9)
     return _save(fig, path)
 
 
 def _mark_holdout(ax: plt.Axes, x: np.ndarray, y: np.ndarray, top: np.ndarray, irr: bool) -> None:
     """The largest-x run(s), hollow, and what a fit without them predicted there."""
-    ax.scatter(x[top], y[top], s=70, facecolor="none", edgecolor="#d62728", linewidth=1.6,
-               zorder=6, label="held-out run(s) (largest x)")
+    ax.scatter(
+        x[top],
+        y[top],
+        s=70,
+        facecolor="none",
+        edgecolor="#d62728",
+        linewidth=1.6,
+        zorder=6,
+        label="held-out run(s) (largest x)",
+    )
     try:
         result = holdout_error(x, y, irr)
     except ValueError:
@@ -264,5 +335,12 @@ def _mark_holdout(ax: plt.Axes, x: np.ndarray, y: np.ndarray, top: np.ndarray, i
     sub = fit_power_law(x[~top], y[~top], irr, bootstrap=0)
     seg = np.geomspace(x[~top].max(), x.max(), 30)
     ax.plot(seg, predict(sub, seg), color="#d62728", lw=1, ls=":", zorder=4)
-    ax.scatter([result["x"]], [result["pred"]], marker="x", s=70, color="#d62728", zorder=7,
-               label=f"hold-out prediction (rel. error {result['rel_error']:.1%})")
+    ax.scatter(
+        [result["x"]],
+        [result["pred"]],
+        marker="x",
+        s=70,
+        color="#d62728",
+        zorder=7,
+        label=f"hold-out prediction (rel. error {result['rel_error']:.1%})",
+    )

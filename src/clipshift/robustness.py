@@ -134,7 +134,9 @@ def _parse_float(text: str, where: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise DataError(f"{where}: {text!r} is not a number; write accuracies as 0.73 or 73") from None
+        raise DataError(
+            f"{where}: {text!r} is not a number; write accuracies as 0.73 or 73"
+        ) from None
     if not math.isfinite(value):
         raise DataError(f"{where}: {text!r} is not a finite number; fill in the accuracy")
     return value
@@ -153,7 +155,9 @@ def load_external_baselines(csv_path: str | Path, shifts: Iterable[str]) -> dict
     path = Path(csv_path)
     shifts = list(shifts)
     if not path.is_file():
-        raise DataError(f"external baselines CSV {path} does not exist; fix evaluate.external_baselines")
+        raise DataError(
+            f"external baselines CSV {path} does not exist; fix evaluate.external_baselines"
+        )
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in (reader.fieldnames or [])]
@@ -169,7 +173,9 @@ def load_external_baselines(csv_path: str | Path, shifts: Iterable[str]) -> dict
         raise DataError(f"{path} has a header but no rows; add at least one baseline model")
     table: dict[str, list] = {"model": [r["model"] for r in rows]}
     for key, col in [("id", id_col)] + [(s, s) for s in shifts]:
-        table[key] = [_parse_float(r[col], f"{path} row {i + 2} column {col!r}") for i, r in enumerate(rows)]
+        table[key] = [
+            _parse_float(r[col], f"{path} row {i + 2} column {col!r}") for i, r in enumerate(rows)
+        ]
     values = np.array([table[k] for k in ["id", *shifts]], dtype=float)
     if values.min() < 0 or values.max() > 100:
         raise DataError(f"{path} has accuracies outside [0, 100]; write fractions or percents")
@@ -211,7 +217,9 @@ def _baseline_points(
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     unknown = [b for b in baseline_ids if b not in models]
     if unknown:
-        raise DataError(f"baseline model(s) {unknown} are not among the evaluated models {sorted(models)}")
+        raise DataError(
+            f"baseline model(s) {unknown} are not among the evaluated models {sorted(models)}"
+        )
     x = np.array([_accuracy(models, b, id_dataset) for b in baseline_ids])
     ys = {s: np.array([_accuracy(models, b, s) for b in baseline_ids]) for s in shifts}
     ys["avg"] = np.mean([ys[s] for s in shifts], axis=0)
@@ -242,7 +250,10 @@ def summarise(
     if external_mode not in ("join", "replace"):
         raise DataError(f"external_mode must be 'join' or 'replace', got {external_mode!r}")
     if external_mode == "replace" and external is None:
-        raise DataError("external_mode='replace' needs an external baselines CSV; set evaluate.external_baselines")
+        raise DataError(
+            "external_mode='replace' needs an external baselines CSV; "
+            "set evaluate.external_baselines"
+        )
     ext_models = _external_models(external, id_dataset, shifts) if external is not None else {}
     all_models = {**models, **ext_models}
     fit_ids = [] if external_mode == "replace" else list(baseline_ids)
@@ -256,14 +267,20 @@ def summarise(
             "(finetune.baselines or evaluate.external_baselines provide baselines)"
         ) from err
     return {
-        "models": {mid: _model_record(mid, rec, id_dataset, shifts, fits) for mid, rec in all_models.items()},
+        "models": {
+            mid: _model_record(mid, rec, id_dataset, shifts, fits)
+            for mid, rec in all_models.items()
+        },
         "baseline_fit": {name: fit.to_dict() for name, fit in fits.items()},
     }
 
 
 def _model_record(
     model_id: str,
-    rec: Mapping[str, Any], id_dataset: str, shifts: list[str], fits: Mapping[str, BaselineFit]
+    rec: Mapping[str, Any],
+    id_dataset: str,
+    shifts: list[str],
+    fits: Mapping[str, BaselineFit],
 ) -> dict[str, Any]:
     acc = rec.get("accuracy", {})
     missing = [d for d in [id_dataset, *shifts] if d not in acc]

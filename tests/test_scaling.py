@@ -1,0 +1,178 @@
+"""Power-law fits, bootstrap CIs, hold-out extrapolation and the scaling.json contract."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from clipshift.errors import DataError
+from clipshift.scaling import (
+    PowerLawFit,
+    fit_power_law,
+    fit_scaling_table,
+    holdout_error,
+    predict,
+    prediction_band,
+)
+
+X = np.geomspace(1e9, 1e13, 8)
+
+
+def test_pure_law_exact():
+    fit = fit_power_law(X, 3.0 * X**-0.12, bootstrap=200)
+    assert fit.A == pytest.approx(3.0, rel=1e-6)
+    assert fit.alpha == pytest.approx(-0.12, abs=1e-6)
+    assert fit.E_inf is None and fit.n == 8 and fit.r2 == pytest.approx(1.0, abs=1e-12)
+    assert set(fit.ci95) == {"A", "alpha"}
+    lo, hi = fit.ci95["alpha"]  # noise-free: every resample gives the same line
+    assert hi - lo < 1e-9 and lo == pytest.approx(-0.12, abs=1e-6)
+
+
+def test_pure_law_noisy_truth_inside_ci():
+    rng = np.random.default_rng(1)
+    x = np.repeat(X, 3)
+    y = 3.0 * x**-0.12 * np.exp(rng.normal(0, 0.05, x.size))
+    fit = fit_power_law(x, y, bootstrap=1000, seed=0)
+    assert fit.ci95["alpha"][0] < -0.12 < fit.ci95["alpha"][1]
+    assert fit.ci95["A"][0] < 3.0 < fit.ci95["A"][1]
+    assert fit.ci95["alpha"][1] - fit.ci95["alpha"][0] < 0.05  # informative, not vacuous
+    assert fit_power_law(x, y, bootstrap=1000, seed=0).ci95 == fit.ci95  # seeded
+
+
+def test_irreducible_exact_recovers_e_inf():
+    y = 2.0 * X**-0.2 + 0.15
+    fit = fit_power_law(X, y, irreducible=True, bootstrap=0)
+    assert fit.E_inf == pytest.approx(0.15, abs=1e-6)
+    assert fit.A == pytest.approx(2.0, rel=1e-5)
+    assert fit.alpha == pytest.approx(-0.2, abs=1e-6)
+    assert fit.ci95 == {"A": None, "alpha": None, "E_inf": None}
+
+
+def test_irreducible_noisy_ci_and_pure_law_misses():
+    rng = np.random.default_rng(2)
+    x = np.repeat(X, 3)
+    y = (2.0 * x**-0.2 + 0.15) * np.exp(rng.normal(0, 0.01, x.size))
+    fit = fit_power_law(x, y, irreducible=True, bootstrap=300)
+    assert fit.ci95["E_inf"][0] < 0.15 < fit.ci95["E_inf"][1]
+    assert fit.ci95["alpha"][0] < -0.2 < fit.ci95["alpha"][1]
+    assert 0 <= fit.E_inf < y.min()
+    # On curved data the irreducible model explains more than the straight log-log line.
+    assert fit.r2 > fit_power_law(x, y, bootstrap=0).r2
+
+
+def test_predict_scalar_array_and_dict():
+    fit = fit_power_law(X, 3.0 * X**-0.12, bootstrap=0)
+    assert isinstance(predict(fit, 1e10), float)
+    assert predict(fit, 1e10) == pytest.approx(3.0 * 1e10**-0.12)
+    np.testing.assert_allclose(predict(fit.to_dict(), X), 3.0 * X**-0.12, rtol=1e-9)
+    assert predict({"A": 1.0, "alpha": -1.0, "E_inf": 0.5}, 2.0) == pytest.approx(1.0)
+
+
+def test_prediction_band_brackets_fit():
+    rng = np.random.default_rng(3)
+    y = 3.0 * X**-0.12 * np.exp(rng.normal(0, 0.05, X.size))
+    grid = np.geomspace(1e9, 1e14, 20)
+    lo, hi = prediction_band(X, y, grid, bootstrap=300)
+    mid = predict(fit_power_law(X, y, bootstrap=0), grid)
+    assert np.all(lo <= mid) and np.all(mid <= hi)
+    rel_width = np.log(hi / lo)
+    assert rel_width[-1] > 2 * rel_width.min()  # much wider a decade out than mid-data
+
+
+@pytest.mark.parametrize("irreducible", [False, True])
+def test_holdout_exact_law_is_zero(irreducible):
+    y = 2.0 * X**-0.2 + (0.15 if irreducible else 0.0)
+    out = holdout_error(X, y, irreducible)
+    assert out["x"] == X.max() and out["true"] == pytest.approx(y[-1])
+    assert out["rel_error"] < 1e-6
+
+
+def test_holdout_holds_out_every_tie_at_the_top():
+    x = np.array([1.0, 2.0, 4.0, 8.0, 8.0])
+    y = np.array([1.0, 0.5, 0.25, 0.1, 0.15])  # mean at x=8 is 0.125 = the law's value
+    out = holdout_error(x, y)
+    assert out["true"] == pytest.approx(0.125) and out["rel_error"] < 1e-9
+
+
+def test_fit_errors():
+    with pytest.raises(ValueError, match="positive"):
+        fit_power_law([1, 2, 3], [0.5, 0.0, 0.2])
+    with pytest.raises(ValueError, match="3 distinct"):
+        fit_power_law([1, 2, 2], [0.5, 0.4, 0.3], irreducible=True)
+    with pytest.raises(ValueError, match="2 distinct"):
+        holdout_error([1, 1, 2], [0.5, 0.4, 0.3])
+
+
+def _runs():
+    runs = []
+    for pool, a in [("diverse", 2.0), ("narrow", 3.0)]:
+        for task, scale in [("zeroshot", 1.0), ("retrieval", 0.8)]:
+            for params in (1e5, 4e5, 1.6e6):
+                for samples in (1e4, 4e4):
+                    flops = 6.0 * params * samples
+                    err = scale * a * flops**-0.1
+                    runs.append(
+                        {
+                            "pool": pool,
+                            "task": task,
+                            "flops": flops,
+                            "samples": samples,
+                            "params": params,
+                            "accuracy": 1.0 - err,
+                        }
+                    )
+    return runs
+
+
+def test_scaling_table_contract(caplog):
+    with caplog.at_level(logging.WARNING, logger="clipshift.scaling"):
+        table = fit_scaling_table(_runs(), "accuracy", bootstrap=100)
+    json.dumps(table, allow_nan=False)
+    assert set(table) == {"fits", "runs"} and len(table["runs"]) == 24
+    assert len(table["fits"]) == 2 * 2 * 3
+    fit = table["fits"]["zeroshot/diverse/vs_flops"]
+    assert set(fit) == {
+        "A",
+        "alpha",
+        "E_inf",
+        "r2",
+        "ci95",
+        "holdout_rel_error",
+        "x",
+        "pool",
+        "task",
+        "n",
+    }
+    assert (fit["x"], fit["pool"], fit["task"], fit["n"]) == ("flops", "diverse", "zeroshot", 6)
+    assert fit["alpha"] == pytest.approx(-0.1, abs=1e-6)  # error = 1 - accuracy is the law
+    assert fit["A"] == pytest.approx(2.0, rel=1e-5)
+    assert fit["holdout_rel_error"] < 1e-6
+    assert table["fits"]["retrieval/narrow/vs_flops"]["A"] == pytest.approx(2.4, rel=1e-5)
+    # Two distinct sample counts: a fit, but no hold-out left to fit.
+    assert table["fits"]["zeroshot/diverse/vs_samples"]["holdout_rel_error"] is None
+    assert not caplog.records
+
+
+def test_scaling_table_irreducible_skips_and_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="clipshift.scaling"):
+        table = fit_scaling_table(
+            _runs(), "accuracy", x_keys=("samples",), irreducible=True, bootstrap=10
+        )
+    assert table["fits"] == {}
+    assert "zeroshot/diverse/vs_samples" in caplog.text
+
+
+def test_scaling_table_missing_key():
+    runs = _runs()
+    del runs[3]["params"]
+    with pytest.raises(DataError, match="params"):
+        fit_scaling_table(runs, "accuracy")
+
+
+def test_fit_to_dict_drops_draws():
+    fit = fit_power_law(X, 3.0 * X**-0.12, bootstrap=50)
+    assert isinstance(fit, PowerLawFit) and fit.draws is not None
+    assert "draws" not in fit.to_dict()
