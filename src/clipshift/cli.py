@@ -38,6 +38,8 @@ def run_stage(stage: str, params_path: str, pool: str | None = None) -> object:
     from clipshift.config import load_params
 
     params = load_params(params_path)  # the whole file: a typo anywhere fails before any work
+    if stage == "pipeline":
+        return _flow_for(stage)(params=params)
     config = getattr(params, "validate_" if stage == "validate" else stage)
     if stage == "pretrain" and pool is not None:
         if pool not in config.pools:
@@ -45,8 +47,8 @@ def run_stage(stage: str, params_path: str, pool: str | None = None) -> object:
                 f"pool '{pool}' is not in pretrain.pools {config.pools}; add it in params.yaml"
             )
         return _flow_for(stage)(config=config, pool=pool)
-    if stage == "pipeline":
-        return _flow_for(stage)(params=params)
+    if stage == "scaling":
+        return _flow_for(stage)(config=config, pretrain=params.pretrain)
     return _flow_for(stage)(config=config)
 
 

@@ -288,3 +288,21 @@ def log_datasets(tracker: MlflowTracker, manifest: dict, data_dir: Path) -> None
         )
         inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", info["role"])]))
     tracker.client.log_inputs(tracker.run_id, datasets=inputs)
+
+
+def register_classifier(
+    tracker: MlflowTracker, checkpoint: str | Path, model_name: str, alias: str = "champion",
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Log a classifier checkpoint as a pyfunc model on the tracker's run, register it as a
+    new version of ``model_name`` and point ``alias`` at that version; returns the version."""
+    import mlflow
+
+    from clipshift.serving import log_classifier
+
+    mlflow.set_tracking_uri(tracking_uri())
+    with mlflow.start_run(run_id=tracker.run_id):
+        info = log_classifier(checkpoint)
+    version = mlflow.register_model(info.model_uri, model_name, tags=tags or {})
+    tracker.client.set_registered_model_alias(model_name, alias, version.version)
+    return str(version.version)

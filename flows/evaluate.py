@@ -1,0 +1,36 @@
+"""Evaluate flow: accuracy on the test set and every shift, retrieval, effective robustness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from clipshift.config import EvaluateConfig
+from clipshift.evaluate import run_evaluate
+from flows._common import report_table, tracked_stage
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(config: EvaluateConfig = EvaluateConfig()) -> dict:
+    """Evaluate every model and fit the effective-robustness baseline per shift."""
+    with tracked_stage("evaluate", config) as tracker:
+        summary = run_evaluate(config, tracker=tracker)
+        tracker.log_artifact(config.metrics_path, "metrics")
+        if Path(config.plots_dir).exists():
+            tracker.log_artifact(config.plots_dir, "plots")
+        report_table(
+            "evaluate-models",
+            [
+                {
+                    "model": mid,
+                    "kind": m["kind"],
+                    "id_accuracy": round(m["id_accuracy"], 4),
+                    "ood_accuracy_avg": round(m["ood_accuracy_avg"], 4),
+                    "effective_robustness_avg": round(m["effective_robustness_avg"], 4),
+                }
+                for mid, m in sorted(summary["models"].items())
+            ],
+            "ID / OOD accuracy and effective robustness per model",
+        )
+        return summary

@@ -1,0 +1,19 @@
+"""Finetune flow: zero-shot heads, end-to-end fine-tunes, linear probe, k-NN, baselines."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from clipshift.config import FinetuneConfig
+from clipshift.finetune import run_finetune
+from flows._common import report_table, tracked_stage
+
+
+@flow(name="finetune", log_prints=True)
+def finetune_flow(config: FinetuneConfig = FinetuneConfig()) -> dict:
+    """Adapt the pretrained CLIPs to the reference task and train the baseline models."""
+    with tracked_stage("finetune", config) as tracker:
+        result = run_finetune(config, tracker=tracker)
+        rows = result.get("models", []) if isinstance(result, dict) else []
+        report_table("finetune-models", rows, "Models written by finetune")
+        return result

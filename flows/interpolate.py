@@ -1,0 +1,20 @@
+"""Interpolate flow: WiSE-FT α sweeps and model soups, α chosen on the reference val split."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from clipshift.config import InterpolateConfig
+from clipshift.interpolate import run_interpolate
+from flows._common import publish_metrics, tracked_stage
+
+METRICS = "metrics/interpolate.json"
+
+
+@flow(name="interpolate", log_prints=True)
+def interpolate_flow(config: InterpolateConfig = InterpolateConfig()) -> dict:
+    """Sweep α between zero-shot and fine-tuned weights; build uniform and greedy soups."""
+    with tracked_stage("interpolate", config) as tracker:
+        result = run_interpolate(config, tracker=tracker)
+        publish_metrics(tracker, METRICS, result)
+        return result
