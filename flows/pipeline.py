@@ -35,7 +35,9 @@ def pipeline_flow(params: PipelineConfig = PipelineConfig(), run_scaling: bool =
         finetune_flow(config=params.finetune)
         interpolate_flow(config=params.interpolate)
         summary = evaluate_flow(config=params.evaluate)
-        scaling = scaling_flow(config=params.scaling, pretrain=params.pretrain) if run_scaling else {}
+        scaling = (
+            scaling_flow(config=params.scaling, pretrain=params.pretrain) if run_scaling else {}
+        )
     finally:
         os.environ.pop("CLIPSHIFT_PIPELINE_RUN_ID", None)
     return {"evaluate": summary.get("baseline_fit", {}), "scaling": scaling.get("fits", {})}

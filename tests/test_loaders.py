@@ -15,11 +15,16 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import clipshift.models  # noqa: F401  (registers the clipshift-vit-* configs)
 from clipshift.data import loaders
 from clipshift.data.shards import DatasetInfo, ShardWriter
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
-           "yellow": (230, 210, 20)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (230, 210, 20),
+}
 SHAPES = ("square", "circle")
 CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
@@ -37,21 +42,34 @@ def toy_image(label: int, rng: random.Random, size: int = 32, mode: str = "RGB")
     return image
 
 
-def build_pool(root: Path, n: int = 64, seed: int = 0, shard_size: int = 16,
-               size: int = 32, name: str = "pool-toy") -> Path:
+def build_pool(
+    root: Path,
+    n: int = 64,
+    seed: int = 0,
+    shard_size: int = 16,
+    size: int = 32,
+    name: str = "pool-toy",
+) -> Path:
     rng = random.Random(seed)
     out = root / name
     info = DatasetInfo(name=name, role="pool", num_samples=0, image_size=size)
     with ShardWriter(out, info, shard_size=shard_size) as writer:
         for i in range(n):
             label = i % len(CLASSES)
-            writer.write({"__key__": f"s{i:05d}", "png": toy_image(label, rng, size),
-                          "txt": f"a {CLASSES[label]}", "json": {"label": label}})
+            writer.write(
+                {
+                    "__key__": f"s{i:05d}",
+                    "png": toy_image(label, rng, size),
+                    "txt": f"a {CLASSES[label]}",
+                    "json": {"label": label},
+                }
+            )
     return out
 
 
-def build_labelled(root: Path, n: int = 24, name: str = "test", size: int = 32,
-                   seed: int = 1) -> Path:
+def build_labelled(
+    root: Path, n: int = 24, name: str = "test", size: int = 32, seed: int = 1
+) -> Path:
     rng = random.Random(seed)
     out = root / name
     info = DatasetInfo(name=name, role="test", num_samples=0, classes=CLASSES, image_size=size)
@@ -59,9 +77,14 @@ def build_labelled(root: Path, n: int = 24, name: str = "test", size: int = 32,
         for i in range(n):
             label = i % len(CLASSES)
             mode = "RGBA" if i % 3 == 0 else "RGB"
-            writer.write({"__key__": f"t{i:04d}", "png": toy_image(label, rng, size + 8 * (i % 2),
-                                                                    mode),
-                          "txt": CLASSES[label], "cls": label})
+            writer.write(
+                {
+                    "__key__": f"t{i:04d}",
+                    "png": toy_image(label, rng, size + 8 * (i % 2), mode),
+                    "txt": CLASSES[label],
+                    "cls": label,
+                }
+            )
     return out
 
 
@@ -102,7 +125,7 @@ def test_batch_order_is_pure_function_of_seed_and_step():
     stream = torch.cat(steps)
     # every epoch is a permutation: the first 50 samples cover the pool exactly once
     assert sorted(stream[:n].tolist()) == list(range(n))
-    assert not torch.equal(stream[:n], stream[n:2 * n])
+    assert not torch.equal(stream[:n], stream[n : 2 * n])
     assert not torch.equal(loaders.batch_indices(n, 4, 0, bs), steps[0])
 
 
@@ -113,8 +136,9 @@ def test_augment_is_batched_and_seeded():
     c = loaders.augment(images, loaders.batch_crops(0, 2, 8), 32)
     assert a.shape == (8, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
     identity = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]]).repeat(8, 1, 1)
-    assert torch.allclose(loaders.augment(images, identity, 32), loaders.normalize(images),
-                          atol=1e-5)
+    assert torch.allclose(
+        loaders.augment(images, identity, 32), loaders.normalize(images), atol=1e-5
+    )
 
 
 def test_load_pool_tokenizes_once(tmp_path):
@@ -129,7 +153,7 @@ def _corrupt_one_sample(pool: Path) -> None:
     shard = pool / "shard-000000.tar"
     raw = bytearray(shard.read_bytes())
     start = raw.index(b"\x89PNG", 600)  # the second sample's image
-    raw[start:start + 40] = b"\x00" * 40
+    raw[start : start + 40] = b"\x00" * 40
     shard.write_bytes(bytes(raw))
 
 
@@ -139,8 +163,17 @@ def test_pool_loader_streams_batches_and_skips_corrupt(tmp_path, workers):
     _corrupt_one_sample(pool)
     tok = open_clip.get_tokenizer("clipshift-vit-micro")
     counter = loaders.SkipCounter()
-    loader = loaders.pool_loader(pool, tok, 32, batch_size=8, seed=0, workers=workers,
-                                 epochs=1, shuffle_buffer=10, handler=counter)
+    loader = loaders.pool_loader(
+        pool,
+        tok,
+        32,
+        batch_size=8,
+        seed=0,
+        workers=workers,
+        epochs=1,
+        shuffle_buffer=10,
+        handler=counter,
+    )
     batches = list(loader)
     images = torch.cat([b[0] for b in batches])
     tokens = torch.cat([b[1] for b in batches])
@@ -151,8 +184,11 @@ def test_pool_loader_streams_batches_and_skips_corrupt(tmp_path, workers):
     if workers == 0:
         assert counter.count == 1
     # deterministic for a given seed
-    again = list(loaders.pool_loader(pool, tok, 32, batch_size=8, seed=0, workers=workers,
-                                     epochs=1, shuffle_buffer=10))
+    again = list(
+        loaders.pool_loader(
+            pool, tok, 32, batch_size=8, seed=0, workers=workers, epochs=1, shuffle_buffer=10
+        )
+    )
     assert torch.equal(torch.cat([b[1] for b in again]), tokens)
 
 
@@ -163,9 +199,10 @@ def test_pool_dataset_split_by_node(tmp_path, monkeypatch):
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        ds = loaders.pool_dataset(pool, tok, 32, seed=0, epochs=1, augment_images=False,
-                                  shuffle_buffer=1)
-        seen.append([round(float(image.sum()), 3) for image, _ in ds])
+        ds = loaders.pool_dataset(
+            pool, tok, 32, seed=0, epochs=1, augment_images=False, shuffle_buffer=1, with_keys=True
+        )
+        seen.append([key for _, _, key in ds])
     # 4 shards of 8: each rank reads 2 whole shards, none twice
     assert len(seen[0]) == len(seen[1]) == 16
     assert not set(seen[0]) & set(seen[1])

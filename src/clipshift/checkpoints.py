@@ -106,8 +106,11 @@ def verify_checksum(path: str | Path) -> bool | None:
         raise _corrupt(path, f"empty checksum file {sidecar.name}")
     actual = sha256_file(path)
     if actual != expected[0]:
-        raise _corrupt(path, f"sha256 {actual[:12]}… does not match {expected[0][:12]}… in "
-                             f"{sidecar.name}; the file was truncated or changed after writing")
+        raise _corrupt(
+            path,
+            f"sha256 {actual[:12]}… does not match {expected[0][:12]}… in "
+            f"{sidecar.name}; the file was truncated or changed after writing",
+        )
     return True
 
 
@@ -119,8 +122,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint '{path}' not found; check the path or run the stage "
-                              "that writes it")
+        raise CheckpointError(
+            f"checkpoint '{path}' not found; check the path or run the stage that writes it"
+        )
     verify_checksum(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -133,8 +137,10 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise _corrupt(path, f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint '{path}' holds a {type(state).__name__}, not a dict; "
-                              "save a dict of tensors (e.g. {'state_dict': model.state_dict()})")
+        raise CheckpointError(
+            f"checkpoint '{path}' holds a {type(state).__name__}, not a dict; "
+            "save a dict of tensors (e.g. {'state_dict': model.state_dict()})"
+        )
     return state
 
 
@@ -155,7 +161,7 @@ def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     for key, value in state_dict.items():
         for prefix in ("module.", "_orig_mod."):
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 

@@ -138,10 +138,11 @@ def load_classifier(path: str | Path) -> tuple[ImageClassifier, dict[str, Any]]:
 # features
 
 
-def _default_normalize(images: torch.Tensor, size: int | None = None) -> torch.Tensor:
+def to_model_input(images: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """uint8 images → normalised float input at ``size`` (open_clip's mean/std, via loaders)."""
     from clipshift.data.loaders import normalize
 
-    return normalize(images, size)
+    return normalize(images, size=size)
 
 
 def visual_image_size(visual: nn.Module) -> int | None:
@@ -164,7 +165,7 @@ def extract_features(
     Images are normalised (and resized to the tower's input size) batch by batch, so a large
     evaluation set never exists as float32 in memory all at once.
     """
-    normalize_fn = normalize_fn or _default_normalize
+    normalize_fn = normalize_fn or to_model_input
     size = visual_image_size(visual)
     was_training = visual.training
     visual.eval()

@@ -259,6 +259,14 @@ class PretrainConfig(TrainLoopConfig):
     gather_with_grad: bool = Field(False, description="DDP: backprop through gathered features.")
     local_loss: bool = Field(False, description="DDP: loss against local rows only.")
     max_rollbacks: int = Field(3, ge=0, description="Loss-spike rollbacks before giving up.")
+    spike_factor: float = Field(
+        3.0, gt=1, description="A loss above this many times the running median is a spike."
+    )
+    loader: Literal["auto", "memory", "stream"] = Field(
+        "auto",
+        description="memory: decode the pool once into RAM, order exactly resumable; stream: "
+        "webdataset shards; auto: memory when the decoded pool fits in 2 GiB.",
+    )
 
     _model_known = field_validator("model")(check_model_name)
     _init_exists = field_validator("init_checkpoint")(check_existing_path)

@@ -37,6 +37,7 @@ from clipshift.classifier import (
     make_head,
     predict_logits,
     save_classifier,
+    to_model_input,
 )
 from clipshift.config import FinetuneConfig
 from clipshift.errors import CheckpointError, DataError
@@ -49,12 +50,6 @@ from clipshift.zeroshot import zeroshot_head
 KNN_FORMAT = "clipshift-knn-v1"
 KNN_TEMPERATURE = 0.07  # DINO's default; sharper than 1, softer than a hard majority vote
 PRETRAINED_FILE = "checkpoint.pt"
-
-
-def _normalize_fn() -> Callable[..., torch.Tensor]:
-    from clipshift.data.loaders import normalize
-
-    return normalize
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +129,7 @@ def cosine_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], floa
 def accuracy_of(
     clf: ImageClassifier, data, batch_size: int = 256, device: str | torch.device = "cpu"
 ) -> float:
-    logits = predict_logits(clf, data.images, batch_size, _normalize_fn(), device)
+    logits = predict_logits(clf, data.images, batch_size, to_model_input, device)
     return float((logits.argmax(dim=1) == torch.as_tensor(data.labels)).float().mean())
 
 
@@ -165,7 +160,6 @@ def finetune_end_to_end(
     """
     tracker = tracker or NullTracker()
     device = torch.device(device) if device is not None else default_device()
-    normalize = _normalize_fn()
     labels = torch.as_tensor(train.labels, dtype=torch.long)
     n = len(labels)
     if n == 0:
@@ -181,14 +175,14 @@ def finetune_end_to_end(
     gen = torch.Generator().manual_seed(seed)
     bar = _progress(total, progress, log_prefix)
     step = 0
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             batch = train.images[idx]
             if use_augment:
                 batch = augment(batch, gen)
-            logits = clf(normalize(batch, size).to(device))
+            logits = clf(to_model_input(batch, size).to(device))
             loss = F.cross_entropy(logits, labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -205,7 +199,6 @@ def finetune_end_to_end(
             acc = accuracy_of(clf, val, 256, device)
             tracker.log_metrics({f"{log_prefix}/val_accuracy": acc}, step=step)
             clf.train()
-        del epoch
     if bar is not None:
         bar.close()
     return clf.eval()
@@ -406,9 +399,8 @@ def run_finetune(cfg: FinetuneConfig, tracker: Tracker | None = None, progress: 
         # Linear probe and k-NN are cheap (one feature pass): do them for every pool, so the
         # pools can be compared on them too.
         t0 = time.perf_counter()
-        normalize = _normalize_fn()
-        f_train = extract_features(zs.visual, train.images, cfg.batch_size, normalize, device)
-        f_val = extract_features(zs.visual, val.images, cfg.batch_size, normalize, device)
+        f_train = extract_features(zs.visual, train.images, cfg.batch_size, None, device)
+        f_val = extract_features(zs.visual, val.images, cfg.batch_size, None, device)
         grid = [cfg.linear_weight_decay * 10.0**e for e in (-2, -1, 0, 1, 2)]
         head, info = train_linear_probe(
             f_train, train.labels, f_val, val.labels, num_classes=len(classes),

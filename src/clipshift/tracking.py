@@ -291,7 +291,10 @@ def log_datasets(tracker: MlflowTracker, manifest: dict, data_dir: Path) -> None
 
 
 def register_classifier(
-    tracker: MlflowTracker, checkpoint: str | Path, model_name: str, alias: str = "champion",
+    tracker: MlflowTracker,
+    checkpoint: str | Path,
+    model_name: str,
+    alias: str = "champion",
     tags: dict[str, str] | None = None,
 ) -> str:
     """Log a classifier checkpoint as a pyfunc model on the tracker's run, register it as a

@@ -76,8 +76,9 @@ def normalize(
     batch = images.unsqueeze(0) if images.dim() == 3 else images
     x = batch.to(torch.float32).div_(255.0)
     if size is not None and tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
-                          antialias=True).clamp_(0.0, 1.0)
+        x = F.interpolate(
+            x, size=(size, size), mode="bicubic", align_corners=False, antialias=True
+        ).clamp_(0.0, 1.0)
     x = (x - _stats_tensor(mean, x.device)) / _stats_tensor(std, x.device)
     return x[0] if images.dim() == 3 else x
 
@@ -109,7 +110,9 @@ def augment(
     then normalise. The output is ``size``² whatever the stored size."""
     x = images.to(torch.float32).div_(255.0)
     if x.shape[-1] >= 2 * size:  # grid_sample does not antialias: shrink large images first
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
     grid = F.affine_grid(theta.to(x.device), [x.shape[0], 3, size, size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return (x - _stats_tensor(mean, x.device)) / _stats_tensor(std, x.device)
@@ -132,8 +135,13 @@ class LabelledData:
 
     def subset(self, index: torch.Tensor | list[int]) -> LabelledData:
         index = torch.as_tensor(index, dtype=torch.long)
-        return LabelledData(self.images[index], self.labels[index],
-                            [self.keys[i] for i in index.tolist()], self.classes, self.stats)
+        return LabelledData(
+            self.images[index],
+            self.labels[index],
+            [self.keys[i] for i in index.tolist()],
+            self.classes,
+            self.stats,
+        )
 
 
 def read_exclude(validate_dir: str | Path, dataset_name: str) -> set[str]:
@@ -169,12 +177,17 @@ def load_labelled(dataset_dir: str | Path, exclude: set[str] | None = None) -> L
         labels.append(sample["cls"])
         keys.append(sample["__key__"])
     if not keys:
-        raise DataError(f"dataset '{dataset_dir}' has no usable labelled samples "
-                        f"(skipped: {stats.reasons}); re-run fetch/validate")
+        raise DataError(
+            f"dataset '{dataset_dir}' has no usable labelled samples "
+            f"(skipped: {stats.reasons}); re-run fetch/validate"
+        )
     if stats.skipped:
-        log.warning("%s: skipped %d unreadable samples %s", dataset_dir, stats.skipped, stats.reasons)
-    return LabelledData(torch.stack(images), torch.tensor(labels, dtype=torch.long), keys,
-                        info.classes, stats)
+        log.warning(
+            "%s: skipped %d unreadable samples %s", dataset_dir, stats.skipped, stats.reasons
+        )
+    return LabelledData(
+        torch.stack(images), torch.tensor(labels, dtype=torch.long), keys, info.classes, stats
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +206,7 @@ class PoolTensors:
 
 
 def tokenize_captions(tokenizer: Callable, captions: list[str], chunk: int = 4096) -> torch.Tensor:
-    parts = [tokenizer(captions[i:i + chunk]) for i in range(0, len(captions), chunk)]
+    parts = [tokenizer(captions[i : i + chunk]) for i in range(0, len(captions), chunk)]
     return torch.cat(parts).to(torch.long)
 
 
@@ -217,10 +230,14 @@ def load_pool(
         captions.append(sample["txt"])
         keys.append(sample["__key__"])
     if not keys:
-        raise DataError(f"pool '{dataset_dir}' has no usable image-caption pairs "
-                        f"(skipped: {stats.reasons}); re-run fetch")
+        raise DataError(
+            f"pool '{dataset_dir}' has no usable image-caption pairs "
+            f"(skipped: {stats.reasons}); re-run fetch"
+        )
     if stats.skipped:
-        log.warning("%s: skipped %d unreadable samples %s", dataset_dir, stats.skipped, stats.reasons)
+        log.warning(
+            "%s: skipped %d unreadable samples %s", dataset_dir, stats.skipped, stats.reasons
+        )
     return PoolTensors(torch.stack(images), tokenize_captions(tokenizer, captions), keys, stats)
 
 
@@ -245,7 +262,7 @@ def batch_indices(n: int, seed: int, step: int, batch_size: int) -> torch.Tensor
     while pos < start + batch_size:
         epoch, offset = divmod(pos, n)
         take = min(n - offset, start + batch_size - pos)
-        out.append(epoch_permutation(n, seed, epoch)[offset:offset + take])
+        out.append(epoch_permutation(n, seed, epoch)[offset : offset + take])
         pos += take
     return torch.cat(out)
 
@@ -289,6 +306,7 @@ def _worker_identity() -> tuple[int, int]:
 
 def _epoch_shards(urls: list[str], seed: int, epochs: int | None) -> Callable[[], Iterator]:
     """Source stage: the shard list reshuffled (seeded) every epoch, forever unless bounded."""
+
     def source() -> Iterator[dict[str, str]]:
         epoch = 0
         while epochs is None or epoch < epochs:
@@ -297,6 +315,7 @@ def _epoch_shards(urls: list[str], seed: int, epochs: int | None) -> Callable[[]
             for url in order:
                 yield {"url": url}
             epoch += 1
+
     return source
 
 
@@ -314,14 +333,16 @@ def _seeded_shuffle(bufsize: int, seed: int, rank: int) -> Callable:
             yield item
         rng.shuffle(buf)
         yield from buf
+
     return stage
 
 
-def _decode_pair(tokenizer: Callable, image_size: int, do_augment: bool, seed: int,
-                 rank: int) -> Callable:
+def _decode_pair(
+    tokenizer: Callable, image_size: int, do_augment: bool, seed: int, rank: int, with_keys: bool
+) -> Callable:
     state: dict[str, torch.Generator] = {}
 
-    def decode(sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(sample: dict[str, Any]) -> tuple:
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None or "txt" not in sample:
             raise DataError(f"pool sample {sample.get('__key__')} lacks an image or a caption")
@@ -336,7 +357,8 @@ def _decode_pair(tokenizer: Callable, image_size: int, do_augment: bool, seed: i
             pixels = augment(pixels, crop_params(1, state["gen"]), image_size)[0]
         else:
             pixels = normalize(pixels, size=image_size)[0]
-        return pixels, tokens
+        return (pixels, tokens, sample["__key__"]) if with_keys else (pixels, tokens)
+
     return decode
 
 
@@ -351,8 +373,10 @@ def pool_dataset(
     epochs: int | None = None,
     rank: int = 0,
     handler: Callable[[BaseException], bool] | None = None,
+    with_keys: bool = False,
 ):
-    """A webdataset pipeline of (image float tensor, token tensor), batched if ``batch_size``.
+    """A webdataset pipeline of (image float tensor, token tensor[, key]), batched if
+    ``batch_size``.
 
     Shards are reshuffled each epoch from ``seed``, split across nodes (``split_by_node``) and
     DataLoader workers (``split_by_worker``); samples pass a seeded shuffle buffer. The stream
@@ -369,7 +393,10 @@ def pool_dataset(
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=handler),
         _seeded_shuffle(shuffle_buffer, seed, rank),
-        wds.map(_decode_pair(tokenizer, image_size, augment_images, seed, rank), handler=handler),
+        wds.map(
+            _decode_pair(tokenizer, image_size, augment_images, seed, rank, with_keys),
+            handler=handler,
+        ),
     ]
     if batch_size is not None:
         stages.append(wds.batched(batch_size, partial=False))
@@ -388,7 +415,14 @@ def pool_loader(
     """A WebLoader over :func:`pool_dataset`, batched inside the ``workers`` processes."""
     import webdataset as wds
 
-    dataset = pool_dataset(dataset_dir_or_urls, tokenizer, image_size, seed=seed,
-                           batch_size=batch_size, **kwargs)
-    return wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    dataset = pool_dataset(
+        dataset_dir_or_urls, tokenizer, image_size, seed=seed, batch_size=batch_size, **kwargs
+    )
+    return wds.WebLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+    )

@@ -164,7 +164,7 @@ def _band_candidates(
 
 
 def near_duplicates(
-    query: np.ndarray, ref: np.ndarray, max_distance: int, max_candidate_ratio: float = 0.1
+    query: np.ndarray, ref: np.ndarray, max_distance: int, max_candidate_ratio: float = 0.02
 ) -> Matches:
     """All pairs (query[i], ref[j]) with Hamming distance <= ``max_distance``.
 
@@ -184,9 +184,10 @@ def near_duplicates(
             return near_duplicates_brute(query, ref, max_distance)
         cand_q.append(qi)
         cand_r.append(ri)
-    # one pair can match on several bands: de-duplicate before verifying
-    pair_ids = np.unique(np.concatenate(cand_q) * len(ref) + np.concatenate(cand_r))
+    qi, ri = np.concatenate(cand_q), np.concatenate(cand_r)
+    # verify first (one XOR + popcount per candidate), de-duplicate the few survivors after:
+    # a pair within the distance can match on several bands
+    keep = popcount(query[qi] ^ ref[ri]) <= max_distance
+    pair_ids = np.unique(qi[keep] * len(ref) + ri[keep])
     qi, ri = pair_ids // len(ref), pair_ids % len(ref)
-    dist = popcount(query[qi] ^ ref[ri])
-    keep = dist <= max_distance
-    return _matches(qi[keep], ri[keep], dist[keep])
+    return _matches(qi, ri, popcount(query[qi] ^ ref[ri]))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import io
 import json
 import os
 import shutil

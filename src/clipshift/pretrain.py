@@ -1,0 +1,586 @@
+"""Contrastive pretraining of an open_clip model on one image-caption pool.
+
+Outputs, in ``<out_dir>/<pool>/``:
+
+* ``resume/step-XXXXXX.pt`` — resumable states (model, optimizer, schedule position, scaler,
+  samples consumed, RNG states, guard state, history, config), written every
+  ``checkpoint_every`` steps; re-running resumes from the newest valid one.
+* ``checkpoint.pt`` (+ ``.sha256``, ``.config.json``) — loadable by stock
+  ``open_clip.create_model_and_transforms(name, pretrained=...)``.
+* ``metrics.json`` (DVC metrics) and ``history.json`` (per-log-step records, DVC plots).
+
+Reproducibility: the data order is a pure function of (seed, step) — each epoch is a seeded
+permutation of the pool and each step's crops come from a (seed, step) generator — so a run
+killed at any point and resumed reaches bitwise the same weights on CPU as an uninterrupted
+run. That holds for the in-memory loader (the default for pools that fit in RAM). The
+streaming loader (large pools) resumes by replaying and discarding the consumed micro-batches
+of a deterministic stream: identical when the number of ranks and data workers is unchanged.
+
+The global batch is ``batch_size`` whatever the number of ranks and accumulation steps: each
+rank takes its slice of every micro-batch, and with ``accum_steps > 1`` features of all
+micro-batches are cached without gradients and each micro-batch is recomputed with gradients
+against the cached rest (as open_clip_train does), so the contrastive loss always sees the
+whole global batch and the gradient is that of the full-batch loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from open_clip.loss import ClipLoss
+from tqdm.auto import tqdm
+
+from clipshift import distributed as D
+from clipshift import train_utils as T
+from clipshift.checkpoints import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    save_open_clip_checkpoint,
+    sidecar_path,
+    unwrap_model,
+)
+from clipshift.config import PretrainConfig
+from clipshift.data import loaders
+from clipshift.data.shards import load_info
+from clipshift.errors import CheckpointError, ConfigError
+from clipshift.io_utils import write_json_atomic
+from clipshift.models import ClipBundle, create_clip
+from clipshift.tracking_api import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+RESUME_DIR = "resume"
+KEEP_RESUME = 3  # resume checkpoints kept while training (rollback targets); 1 at the end
+MEMORY_LIMIT_BYTES = 2 << 30  # loader 'auto' decodes pools into RAM below this size
+# Settings that change the data order or the model: a resume checkpoint written with other
+# values cannot continue this run.
+RESUME_MUST_MATCH = ("model", "init_checkpoint", "batch_size", "seed", "weight_decay")
+
+
+@dataclass
+class TrainHooks:
+    """Seams for tests (fault injection); production code passes none."""
+
+    transform_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    after_step: Callable[[int, torch.nn.Module], None] | None = None
+
+
+def pool_path(cfg: PretrainConfig, pool: str) -> Path:
+    return Path(cfg.data_dir) / f"pool-{pool}"
+
+
+def run_path(cfg: PretrainConfig, pool: str) -> Path:
+    return Path(cfg.out_dir) / pool
+
+
+def resume_path(cfg: PretrainConfig, pool: str, step: int) -> Path:
+    return run_path(cfg, pool) / RESUME_DIR / f"step-{step:06d}.pt"
+
+
+# --------------------------------------------------------------------------------------------
+# setup
+
+
+def build_model(cfg: PretrainConfig, device: torch.device) -> ClipBundle:
+    """The model to train: ``cfg.model`` from scratch (seeded), or ``cfg.init_checkpoint``."""
+    torch.manual_seed(cfg.seed)
+    if cfg.init_checkpoint is None:
+        return _to(create_clip(cfg.model), device)
+    if "://" in cfg.init_checkpoint:
+        raise ConfigError(f"init_checkpoint '{cfg.init_checkpoint}' is remote; download it first "
+                          "(e.g. `aws s3 cp`) and give the local path")
+    state = load_checkpoint(cfg.init_checkpoint)  # verifies the checksum and refuses pickles
+    if "name" in state and "model_config" in state:  # written by clipshift: carries its arch
+        bundle = create_clip(state["name"], pretrained=cfg.init_checkpoint,
+                             config=state["model_config"])
+    else:
+        bundle = create_clip(cfg.model, pretrained=cfg.init_checkpoint)
+    return _to(bundle, device)
+
+
+def _to(bundle: ClipBundle, device: torch.device) -> ClipBundle:
+    bundle.model.to(device)
+    return bundle
+
+
+def check_batching(cfg: PretrainConfig, world_size: int) -> int:
+    """Micro-batch size per rank; the global batch must split evenly."""
+    parts = cfg.accum_steps * world_size
+    if cfg.batch_size % parts:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} does not split into accum_steps ({cfg.accum_steps}) × "
+            f"ranks ({world_size}) equal micro-batches; use a batch_size divisible by {parts}"
+        )
+    if cfg.samples < cfg.batch_size:
+        raise ConfigError(f"samples ({cfg.samples}) is smaller than one batch ({cfg.batch_size}); "
+                          "raise pretrain.samples or lower batch_size")
+    return cfg.batch_size // parts
+
+
+def choose_loader(cfg: PretrainConfig, pool_dir: Path, image_size: int) -> str:
+    if cfg.loader != "auto":
+        return cfg.loader
+    decoded = load_info(pool_dir).num_samples * 3 * image_size * image_size
+    return "memory" if decoded <= MEMORY_LIMIT_BYTES else "stream"
+
+
+class MemoryBatches:
+    """Micro-batches of a decoded pool: global batch ``step`` from (seed, step) alone."""
+
+    def __init__(self, data: loaders.PoolTensors, cfg: PretrainConfig, dist: D.DistInfo,
+                 image_size: int) -> None:
+        self.data, self.cfg, self.dist, self.size = data, cfg, dist, image_size
+
+    def seek(self, step: int) -> None:
+        pass  # random access: nothing to replay
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cfg, n = self.cfg, len(self.data)
+        index = loaders.batch_indices(n, cfg.seed, step, cfg.batch_size)
+        theta = loaders.batch_crops(cfg.seed, step, cfg.batch_size)
+        micro = cfg.batch_size // cfg.accum_steps
+        local = micro // self.dist.world_size
+        out = []
+        for j in range(cfg.accum_steps):
+            lo = j * micro + self.dist.rank * local
+            rows = index[lo:lo + local]
+            images = loaders.augment(self.data.images[rows], theta[lo:lo + local], self.size)
+            out.append((images, self.data.tokens[rows]))
+        return out
+
+
+class StreamBatches:
+    """Micro-batches streamed from shards by webdataset workers (pools too big for RAM)."""
+
+    def __init__(self, pool_dir: Path, tokenizer: Any, cfg: PretrainConfig, dist: D.DistInfo,
+                 image_size: int, micro: int) -> None:
+        self.args = (pool_dir, tokenizer, image_size, micro)
+        self.cfg, self.dist = cfg, dist
+        self.iterator: Any = None
+
+    def seek(self, step: int) -> None:
+        """Restart the deterministic stream and discard what steps < ``step`` consumed."""
+        pool_dir, tokenizer, image_size, micro = self.args
+        loader = loaders.pool_loader(pool_dir, tokenizer, image_size, batch_size=micro,
+                                     seed=self.cfg.seed, workers=self.cfg.workers,
+                                     rank=self.dist.rank)
+        self.iterator = iter(loader)
+        for _ in range(step * self.cfg.accum_steps):
+            next(self.iterator)
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [next(self.iterator) for _ in range(self.cfg.accum_steps)]
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+
+
+class Pretrainer:
+    def __init__(self, cfg: PretrainConfig, pool: str, tracker: Tracker, progress: bool,
+                 hooks: TrainHooks | None) -> None:
+        self.cfg, self.pool, self.tracker, self.hooks = cfg, pool, tracker, hooks or TrainHooks()
+        self.progress = progress
+        self.dist = D.init_distributed(cfg.device)
+        self.device = self.dist.device
+        T.check_precision(cfg.precision, self.device)
+        self.micro = check_batching(cfg, self.dist.world_size)
+        self.total_steps = cfg.samples // cfg.batch_size
+        self.out = run_path(cfg, pool)
+        self.bundle = build_model(cfg, self.device)
+        self.raw = self.bundle.model
+        self.optimizer = T.build_optimizer(self.raw, cfg.lr, cfg.weight_decay, cfg.beta1,
+                                           cfg.beta2, cfg.eps)
+        self.scaler = T.make_scaler(cfg.precision, self.device)
+        self.loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
+                                cache_labels=True, rank=self.dist.rank,
+                                world_size=self.dist.world_size)
+        self.guard = T.SpikeGuard(factor=cfg.spike_factor)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.train_time = 0.0
+        self.interval = {"sum": 0.0, "count": 0}
+        self.model: torch.nn.Module = self.raw  # DDP wrapper once set up
+
+    # ---- data ----------------------------------------------------------------------------
+
+    def open_data(self) -> MemoryBatches | StreamBatches:
+        pool_dir = pool_path(self.cfg, self.pool)
+        load_info(pool_dir)  # a clear error if fetch has not run
+        size = self.bundle.image_size
+        self.loader_kind = choose_loader(self.cfg, pool_dir, size)
+        if self.loader_kind == "memory":
+            data = loaders.load_pool(pool_dir, self.bundle.tokenizer, size)
+            self.pool_samples = len(data)
+            return MemoryBatches(data, self.cfg, self.dist, size)
+        self.pool_samples = load_info(pool_dir).num_samples
+        return StreamBatches(pool_dir, self.bundle.tokenizer, self.cfg, self.dist, size,
+                             self.micro)
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "kind": "clipshift-pretrain-resume",
+            "model": unwrap_model(self.raw).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "samples_seen": self.step * self.cfg.batch_size,
+            "rng": T.capture_rng(),
+            "guard": self.guard.state_dict(),
+            "history": list(self.history),
+            "interval": dict(self.interval),
+            "train_time_s": self.train_time,
+            "config": self.cfg.model_dump(mode="json"),
+            "pool": self.pool,
+            "model_name": self.bundle.name,
+            "model_config": self.bundle.config,
+        }
+
+    def load_state(self, state: dict[str, Any], rollback: bool = False) -> None:
+        self.raw.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        self.interval = dict(state.get("interval", {"sum": 0.0, "count": 0}))
+        # a rollback keeps the guard's counters (and its halved LR), a resume restores them
+        self.guard.load_state_dict(state.get("guard", {}), history_only=rollback)
+        if not rollback:
+            self.train_time = float(state.get("train_time_s", 0.0))
+            T.restore_rng(state["rng"])
+
+    def check_compatible(self, state: dict[str, Any], path: Path) -> None:
+        saved = state.get("config", {})
+        now = self.cfg.model_dump(mode="json")
+        diff = {k: (saved.get(k), now[k]) for k in RESUME_MUST_MATCH if saved.get(k) != now[k]}
+        if diff or state.get("pool") != self.pool:
+            raise CheckpointError(
+                f"resume checkpoint {path} was written by a different run "
+                f"({', '.join(f'{k}: {a!r} → {b!r}' for k, (a, b) in diff.items()) or 'pool'}); "
+                f"restore those settings, or delete {path.parent} to start from scratch"
+            )
+        if saved.get("samples") != now["samples"]:
+            log.warning("resuming with samples=%s (was %s): the LR schedule is recomputed for "
+                        "the new length, so this run differs from a fresh one", now["samples"],
+                        saved.get("samples"))
+
+    def latest_resume(self) -> Path | None:
+        path = latest_checkpoint(self.out / RESUME_DIR) if self.dist.is_main else None
+        return D.broadcast_object(path)
+
+    def resume(self) -> None:
+        path = self.latest_resume()
+        if path is None:
+            return
+        state = load_checkpoint(path, map_location=self.device)
+        self.check_compatible(state, path)
+        self.load_state(state)
+        log.info("resumed %s at step %d from %s", self.pool, self.step, path)
+        self.tracker.set_tags({"clipshift.resumed_from": str(path)})
+
+    def healthy(self) -> bool:
+        """Only a state the guard trusts becomes a rollback target."""
+        if self.guard.consecutive_skips:
+            return False
+        return all(bool(torch.isfinite(p).all()) for p in self.raw.parameters())
+
+    def save_resume(self, periodic: bool = False) -> None:
+        if periodic and not self.healthy():
+            log.warning("not checkpointing step %d: the last steps were skipped as non-finite",
+                        self.step)
+            return
+        if self.dist.is_main:
+            save_checkpoint(resume_path(self.cfg, self.pool, self.step), self.state())
+            self.prune(KEEP_RESUME)
+        D.barrier()  # other ranks may roll back to this file
+
+    def prune(self, keep: int) -> None:
+        for old in list_checkpoints(self.out / RESUME_DIR)[keep:]:
+            old.unlink(missing_ok=True)
+            sidecar_path(old).unlink(missing_ok=True)
+
+    def wrap_ddp(self) -> None:
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.raw, device_ids=ids, broadcast_buffers=False)
+
+    # ---- one optimizer step --------------------------------------------------------------
+
+    def loss_weight(self) -> float:
+        # Without gather_with_grad, each rank back-propagates only through its own rows of the
+        # full-batch loss and DDP then averages: the gradient would be 1/world of the
+        # single-process one. Scaling by world restores it exactly (local_loss without
+        # gather_with_grad stays open_clip's approximation).
+        plain = not self.cfg.gather_with_grad and not self.cfg.local_loss
+        return float(self.dist.world_size) if plain else 1.0
+
+    def forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        cfg, dev = self.cfg, self.device
+        micro = [(i.to(dev, non_blocking=True), t.to(dev, non_blocking=True)) for i, t in micro]
+        amp = T.autocast(cfg.precision, dev)
+        cached = []
+        if len(micro) > 1:
+            with torch.no_grad(), T.autocast(cfg.precision, dev):
+                cached = [self.raw(images, tokens)[:2] for images, tokens in micro]
+        weight = self.loss_weight()
+        for j, (images, tokens) in enumerate(micro):
+            last = j == len(micro) - 1
+            sync = contextlib.nullcontext()
+            if not last and isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+                sync = self.model.no_sync()
+            with sync:
+                with amp:
+                    image_f, text_f, scale = self.model(images, tokens)
+                    if cached:
+                        image_f = torch.cat([c[0] for c in cached[:j]] + [image_f]
+                                            + [c[0] for c in cached[j + 1:]])
+                        text_f = torch.cat([c[1] for c in cached[:j]] + [text_f]
+                                           + [c[1] for c in cached[j + 1:]])
+                    # logit_scale's gradient is taken once (in the last pass), not per pass
+                    loss = self.loss_fn(image_f, text_f, scale if last else scale.detach())
+                if self.hooks.transform_loss is not None:
+                    loss = self.hooks.transform_loss(self.step, loss)
+                self.scaler.scale(loss * weight).backward()
+        return loss.detach()
+
+    def optimizer_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """One global step; returns its numbers, or raises TrainingDiverged."""
+        cfg = self.cfg
+        lr = T.cosine_lr(self.step, cfg.lr, cfg.warmup_steps, self.total_steps) * self.guard.lr_scale
+        T.set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_backward(micro)
+        self.scaler.unscale_(self.optimizer)
+        norm = T.grad_norm(self.raw.parameters(), cfg.grad_clip_norm)
+        # every rank decides on rank 0's numbers, so all take the same branch
+        numbers = torch.stack([D.all_reduce_mean(loss.float()), norm.float().to(loss.device)])
+        if self.dist.distributed:
+            torch.distributed.broadcast(numbers, src=0)
+        loss_v, norm_v = (float(x) for x in numbers.cpu())
+        decision = self.guard.check(loss_v, norm_v)
+        if self.scaler.is_enabled() and math.isfinite(loss_v) and not math.isfinite(norm_v):
+            decision = "scaler"  # fp16 overflow: GradScaler skips the step and lowers its scale
+            self.guard.consecutive_skips = 0
+        if decision in ("ok", "scaler"):
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {"loss": loss_v, "grad_norm": norm_v, "lr": lr, "decision": decision}
+
+    # ---- guard actions -------------------------------------------------------------------
+
+    def event(self, kind: str, numbers: dict[str, Any]) -> None:
+        record = {"step": self.step, "event": kind, "loss": numbers["loss"],
+                  "grad_norm": numbers["grad_norm"], "median": self.guard.median()}
+        self.guard.events.append(record)
+        log.warning("pretrain %s: %s at step %d (loss %.4g, grad norm %.4g, running median "
+                    "%.4g)", self.pool, kind, self.step, numbers["loss"], numbers["grad_norm"],
+                    record["median"])
+        if self.dist.is_main:
+            self.tracker.log_metrics({f"guard_{kind}": 1.0, "guard_lr_scale": self.guard.lr_scale},
+                                     step=self.step)
+
+    def rollback(self, numbers: dict[str, Any]) -> None:
+        self.guard.rollbacks += 1
+        if self.guard.rollbacks > self.cfg.max_rollbacks:
+            self.event("diverged", numbers)
+            raise T.TrainingDiverged(
+                f"pretraining on pool '{self.pool}' diverged at step {self.step} (loss "
+                f"{numbers['loss']:.4g}, running median {self.guard.median():.4g}) after "
+                f"{self.cfg.max_rollbacks} rollbacks; lower pretrain.lr, raise warmup_steps or "
+                "grad clipping, or check the pool for broken samples, then re-run (it resumes "
+                "from the last good checkpoint)")
+        self.guard.lr_scale *= 0.5
+        self.event("rollback", numbers)
+        path = self.latest_resume()
+        if path is None:
+            raise CheckpointError(f"no valid resume checkpoint in {self.out / RESUME_DIR} to roll "
+                                  "back to; delete the folder and re-run")
+        self.load_state(load_checkpoint(path, map_location=self.device), rollback=True)
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def log_step(self, numbers: dict[str, float], seconds: float, interval_samples: int) -> None:
+        cfg = self.cfg
+        if math.isfinite(numbers["loss"]):
+            self.interval["sum"] += numbers["loss"]
+            self.interval["count"] += 1
+        if self.step % cfg.log_every and self.step != self.total_steps:
+            return
+        count = max(1, self.interval["count"])
+        record = {
+            "step": self.step,
+            "samples": self.step * cfg.batch_size,
+            "loss": numbers["loss"],
+            "loss_avg": self.interval["sum"] / count if self.interval["count"] else float("nan"),
+            "logit_scale": float(unwrap_model(self.raw).logit_scale.detach().exp()),
+            "lr": numbers["lr"],
+            "grad_norm": numbers["grad_norm"],
+            "samples_per_s": interval_samples / max(seconds, 1e-9),
+        }
+        self.history.append(record)
+        self.interval = {"sum": 0.0, "count": 0}
+        if self.dist.is_main:
+            self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"},
+                                     step=self.step)
+
+    def train(self, data: MemoryBatches | StreamBatches) -> None:
+        cfg = self.cfg
+        data.seek(self.step)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"pretrain {self.pool}",
+                   disable=not (self.progress and self.dist.is_main), dynamic_ncols=True)
+        self.raw.train()
+        tick, interval_samples = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            start = time.perf_counter()
+            numbers = self.optimizer_step(data.micro_batches(self.step))
+            self.train_time += time.perf_counter() - start
+            if numbers["decision"] == "rollback":
+                self.rollback(numbers)
+                data.seek(self.step)
+                bar.n = self.step
+                tick, interval_samples = time.perf_counter(), 0
+                continue
+            if numbers["decision"] == "skip":
+                self.event("skip", numbers)
+            elif numbers["decision"] == "ok":
+                self.guard.record(numbers["loss"])
+            self.step += 1
+            interval_samples += cfg.batch_size
+            logged = len(self.history)
+            self.log_step(numbers, time.perf_counter() - tick, interval_samples)
+            if len(self.history) > logged:
+                tick, interval_samples = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{numbers['loss']:.3f}")
+            bar.update(1)
+            if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
+                pause = time.perf_counter()
+                self.save_resume(periodic=self.step != self.total_steps)
+                tick += time.perf_counter() - pause  # checkpoint time is not training time
+            if self.hooks.after_step is not None:
+                self.hooks.after_step(self.step, self.raw)
+        bar.close()
+
+    def finish(self, wall: float) -> dict[str, Any]:
+        cfg, samples = self.cfg, self.step * self.cfg.batch_size
+        last = self.history[-1] if self.history else {}
+        metrics: dict[str, Any] = {
+            "pool": self.pool,
+            "model": self.bundle.name,
+            "steps": self.step,
+            "samples": samples,
+            "batch_size": cfg.batch_size,
+            "final_loss": last.get("loss"),
+            "final_loss_avg": last.get("loss_avg"),
+            "final_logit_scale": last.get("logit_scale"),
+            "samples_per_s": samples / self.train_time if self.train_time else None,
+            "train_time_s": round(self.train_time, 3),
+            "wall_time_s": round(wall, 3),
+            "params": sum(p.numel() for p in self.raw.parameters()),
+            "world_size": self.dist.world_size,
+            "loader": self.loader_kind,
+            "pool_samples": self.pool_samples,
+            "rollbacks": self.guard.rollbacks,
+            "skipped_steps": sum(1 for e in self.guard.events if e["event"] == "skip"),
+            "events": self.guard.events,
+        }
+        metrics.update(flops_metrics(self.bundle.config, samples))
+        if self.dist.is_main:
+            self.write_outputs(metrics)
+        D.barrier()
+        metrics["checkpoint"] = str(self.out / "checkpoint.pt")
+        return metrics
+
+    def write_outputs(self, metrics: dict[str, Any]) -> None:
+        extra = {"step": self.step, "samples_seen": metrics["samples"], "pool": self.pool,
+                 "pretrain_config": self.cfg.model_dump(mode="json")}
+        save_open_clip_checkpoint(self.out / "checkpoint.pt", self.raw, self.bundle.name,
+                                  self.bundle.config, extra)
+        write_json_atomic(self.out / "metrics.json", metrics)
+        write_json_atomic(self.out / "history.json", self.history)
+        self.prune(1)  # the final resume state is enough to extend the run later
+
+    def run(self) -> dict[str, Any]:
+        wall_start = time.perf_counter()
+        self.resume()
+        self.wrap_ddp()
+        data = self.open_data()
+        if self.step == 0 and self.latest_resume() is None:
+            self.save_resume()  # the rollback target before the first periodic checkpoint
+        self.train(data)
+        return self.finish(time.perf_counter() - wall_start)
+
+
+def flops_metrics(model_config: dict[str, Any], samples: int) -> dict[str, float]:
+    try:
+        from clipshift import flops
+    except ImportError:
+        return {}
+    try:
+        per_sample = flops.clip_flops_per_sample(model_config)["total"]
+    except (ConfigError, KeyError, AttributeError) as exc:
+        log.info("no FLOPs count for this model: %s", exc)
+        return {}
+    return {"flops_per_sample": per_sample, "train_flops": 3.0 * per_sample * samples}
+
+
+def run_pretrain(cfg: PretrainConfig, pool: str, tracker: Tracker | None = None,
+                 progress: bool = True, hooks: TrainHooks | None = None) -> dict[str, Any]:
+    """Pretrain ``cfg.model`` on ``<cfg.data_dir>/pool-<pool>``; resume if a run was cut off.
+
+    Works in one process and under ``torchrun`` (every rank calls it; only rank 0 logs and
+    writes files). Returns the metrics also written to ``<out_dir>/<pool>/metrics.json``.
+    """
+    previous_threads = torch.get_num_threads()
+    trainer = Pretrainer(cfg, pool, tracker or NullTracker(), progress, hooks)
+    if trainer.device.type == "cpu":
+        T.set_threads(trainer.dist.local_world_size)
+    try:
+        return trainer.run()
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+# --------------------------------------------------------------------------------------------
+# command line (the entry point torchrun launches on every rank)
+
+
+def torchrun_command(cfg: PretrainConfig, config_json: str | Path, pool: str) -> list[str]:
+    """The launcher line for ``cfg.nproc_per_node`` × ``cfg.nnodes`` processes."""
+    return ["torchrun", f"--nproc_per_node={cfg.nproc_per_node}", f"--nnodes={cfg.nnodes}",
+            "-m", "clipshift.pretrain", "--config-json", str(config_json), "--pool", pool]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="clipshift contrastive pretraining (one rank)")
+    parser.add_argument("--config-json", required=True, help="a PretrainConfig as JSON")
+    parser.add_argument("--pool", action="append", help="pool(s) to train; default cfg.pools")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    cfg = PretrainConfig.model_validate_json(Path(args.config_json).read_text())
+    try:
+        for pool in args.pool or cfg.pools:
+            result = run_pretrain(cfg, pool, progress=not args.no_progress)
+            if D.is_main():
+                print({k: v for k, v in result.items() if k != "events"})
+    finally:
+        D.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

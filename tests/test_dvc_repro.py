@@ -1,0 +1,109 @@
+"""`dvc repro` in a temporary copy of the repository, on tiny params (slow: minutes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.tiny import tiny_params
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 1200) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory) -> tuple[Path, dict]:
+    """The tracked files of the repository, committed in a fresh git repo, with tiny params."""
+    dest = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in files:
+        src = REPO / name
+        if src.is_file() and not name.startswith(("metrics/", "plots/", "dvc.lock")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    # share the art cache so the copy does not reinstall npm packages
+    if (REPO / ".cache").exists():
+        (dest / ".cache").symlink_to(REPO / ".cache")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{dest / 'mlflow.db'}"}
+    env.pop("CLIPSHIFT_PIPELINE_RUN_ID", None)
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"],
+    ):
+        _run(cmd, dest, env)
+    return dest, env
+
+
+def test_stage_list_shows_every_stage(repo_copy):
+    dest, env = repo_copy
+    out = _run(["dvc", "stage", "list", "--name-only"], dest, env).stdout.split()
+    assert out == [
+        "fetch",
+        "validate",
+        "pretrain@diverse",
+        "pretrain@narrow",
+        "finetune",
+        "interpolate",
+        "evaluate",
+        "scaling",
+    ]
+
+
+def test_fetch_validate_then_noop_in_under_5s(repo_copy):
+    dest, env = repo_copy
+    _run(["dvc", "repro", "fetch", "validate"], dest, env)
+    assert (dest / "data/fetch/manifest.json").exists()
+    assert (dest / "data/validate/data_docs").exists()
+    start = time.perf_counter()
+    again = _run(["dvc", "repro", "fetch", "validate"], dest, env)
+    elapsed = time.perf_counter() - start
+    assert "didn't change" in again.stdout or "up to date" in again.stdout
+    assert elapsed < 5.0, f"no-op dvc repro took {elapsed:.1f}s"
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], dest, env).stdout)
+    assert 5 in _values_of(shown, "num_classes")
+
+
+def _values_of(obj, key: str) -> list:
+    """Every value stored under ``key`` anywhere in a nested JSON document."""
+    if isinstance(obj, dict):
+        found = [obj[key]] if key in obj else []
+        return found + [v for child in obj.values() for v in _values_of(child, key)]
+    if isinstance(obj, list):
+        return [v for child in obj for v in _values_of(child, key)]
+    return []
+
+
+def test_whole_study_end_to_end(repo_copy):
+    dest, env = repo_copy
+    _run(["dvc", "repro"], dest, env, timeout=1800)
+    evaluate = json.loads((dest / "metrics/evaluate.json").read_text())
+    kinds = {m["kind"] for m in evaluate["models"].values()}
+    assert {"baseline", "zeroshot", "finetuned", "linear", "wiseft", "soup"} <= kinds
+    for model in evaluate["models"].values():
+        assert 0.0 <= model["id_accuracy"] <= 1.0
+        assert set(model["effective_robustness"]) == set(evaluate["baseline_fit"]) - {"avg"}
+    scaling = json.loads((dest / "metrics/scaling.json").read_text())
+    assert scaling["fits"] and len(scaling["runs"]) >= 3
+    status = _run(["dvc", "status"], dest, env).stdout
+    assert "up to date" in status or "changed" not in status

@@ -1,0 +1,78 @@
+"""Tiny configurations shared by the integration tests: the whole world in seconds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TINY_WORLD: dict[str, Any] = {
+    "image_size": 32,
+    "num_classes": 5,
+    "train_per_class": 4,
+    "val_per_class": 2,
+    "test_per_class": 2,
+    "shift_per_class": 2,
+    "pool_size": 80,
+    "retrieval_size": 20,
+    "shard_size": 50,
+}
+
+
+def tiny_params() -> dict[str, Any]:
+    """A params.yaml for a whole-pipeline run in a couple of minutes on 2 cores."""
+    return {
+        "fetch": {"world": dict(TINY_WORLD)},
+        "pretrain": {
+            "model": "clipshift-vit-micro",
+            "samples": 256,
+            "batch_size": 32,
+            "warmup_steps": 2,
+            "log_every": 2,
+            "checkpoint_every": 4,
+            "workers": 0,
+        },
+        "finetune": {
+            "e2e_epochs": 1,
+            "e2e_batch_size": 16,
+            "soup_lrs": [3e-4, 1e-4],
+            "linear_epochs": 20,
+            "knn_k": 3,
+            "baselines": [
+                {"width": 32, "layers": 1, "epochs": e, "fraction": f}
+                for e, f in [(1, 0.5), (2, 1.0), (4, 1.0)]
+            ],
+        },
+        "scaling": {
+            "grid": [
+                {"width": 32, "layers": 1, "samples": 64},
+                {"width": 32, "layers": 1, "samples": 128},
+                {"width": 64, "layers": 1, "samples": 128},
+            ],
+            "bootstrap": 20,
+            "batch_size": 32,
+        },
+    }
+
+
+def copy_sample_into(data_dir: str, source: str, target: str) -> str:
+    """Plant the first image of dataset ``source`` into dataset ``target`` (a leak); returns its key."""
+    import tarfile
+    from pathlib import Path
+
+    from clipshift.data.shards import ShardWriter, group_members, load_info
+
+    def raw_samples(name: str):
+        info = load_info(Path(data_dir) / name)
+        for path in info.shard_paths(Path(data_dir) / name):
+            with tarfile.open(path) as tar:
+                for key, group in group_members(tar):
+                    yield {"__key__": key, **group}
+
+    leaked = next(raw_samples(source))
+    leaked["__key__"] = "leaked-" + leaked["__key__"]
+    leaked.setdefault("txt", b"a leaked test image")
+    leaked.pop("cls", None)
+    rows = list(raw_samples(target)) + [leaked]
+    info = load_info(Path(data_dir) / target)
+    with ShardWriter(Path(data_dir) / target, info, shard_size=10_000) as writer:
+        writer.write_all(rows)
+    return leaked["__key__"]
