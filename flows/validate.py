@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clipshift.validate import run_validate
 from prefect import flow
 
 from clipshift.config import ValidateConfig
 from clipshift.errors import ValidationFailed
+from clipshift.validate import run_validate
 from flows._common import publish_metrics, report_markdown, tracked_stage
 
 METRICS = "metrics/validate.json"

@@ -54,7 +54,7 @@ def tiny_params() -> dict[str, Any]:
 
 
 def copy_sample_into(data_dir: str, source: str, target: str) -> str:
-    """Plant the first image of dataset ``source`` into dataset ``target`` (a leak); returns its key."""
+    """Plant the first image of ``source`` into dataset ``target`` (a leak); returns its key."""
     import tarfile
     from pathlib import Path
 
