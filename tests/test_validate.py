@@ -9,12 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from clipshift.config import ValidateConfig
+from clipshift.data import tables as tb
 from clipshift.data.shards import DatasetInfo, ShardWriter, encode_image
-from clipshift.errors import ConfigError, ValidationFailed
+from clipshift.errors import ConfigError, DataError, ValidationFailed
 from clipshift.validate import load_exclusions, run_validate
 
 CLASSES = ["cat", "dog", "owl"]
@@ -158,10 +160,10 @@ def test_each_planted_fault_fails_with_dataset_rule_and_count(tmp_path):
     assert "caption length in [3, 300]" in caption and "failed on 1 of 13 rows" in caption
     assert "pool-diverse-2" in caption
     coverage = _line(msg, "shift-line")
-    assert "every task class has at least 1" in coverage and "failed on 1 rows" in coverage
+    assert "every task class has at least 1" in coverage and "failed on 1 row (e.g." in coverage
     assert "'dog'" in coverage
     leak = _line(msg, "test")
-    assert "no evaluation image is in the training data" in leak and "failed on 1 rows" in leak
+    assert "no evaluation image is in the training data" in leak and "failed on 1 row (e.g." in leak
     assert "1 in 'pool-diverse' (1 identical bytes, 0 near)" in leak
     assert json.loads((tmp_path / "validate" / "exclude.json").read_text()) == {}
     assert tree_hash(data) == before  # nothing fetch wrote is modified
@@ -198,7 +200,7 @@ def test_reencoded_test_image_is_a_near_duplicate(tmp_path):
     fails(
         config(tmp_path, data, leakage="fail", phash_max_distance=4),
         "dataset 'val'",
-        "failed on 1 rows",
+        "failed on 1 row (e.g.",
         "1 in 'train' (0 identical bytes, 1 near)",
     )
     leaks = (tmp_path / "validate" / "leaks.csv").read_text().splitlines()
@@ -217,3 +219,31 @@ def test_out_dir_inside_data_dir_is_refused(tmp_path):
     data = write_fetch(tmp_path)
     with pytest.raises(ConfigError, match="never writes into fetch"):
         run_validate(ValidateConfig(data_dir=str(data), out_dir=str(data / "v")), progress=False)
+
+
+def test_parallel_read_equals_serial(tmp_path):
+    data = write_fetch(tmp_path, lambda s: s["train"][5].update(png=b"not an image"))
+    _, infos = tb.load_manifest(data)
+    serial = tb.read_datasets(data, infos, workers=1)
+    forked = tb.read_datasets(data, infos, workers=2)
+    for a, b in zip(serial, forked, strict=True):
+        pd.testing.assert_frame_equal(a.samples, b.samples)
+        assert [vars(s) for s in a.shards] == [vars(s) for s in b.shards]
+    train = serial[0].samples
+    assert train["decodable"].sum() == 11 and train["phash"].isna().sum() == 1
+    assert train.loc[5, "error"] == "undecodable image" and train.loc[5, "sha256"] is not None
+
+
+def test_label_space_and_class_subset():
+    task = ["cat", "dog", "owl"]
+    info = DatasetInfo(name="s", role="shift", num_samples=0, classes=task)
+    assert tb.expected_classes(info, task) == [0, 1, 2]
+    info.extra = {"class_subset": ["owl", "cat"]}
+    assert tb.expected_classes(info, task) == [0, 2]
+    info.extra = {"class_subset": ["wolf"]}
+    with pytest.raises(DataError, match="not task classes"):
+        tb.expected_classes(info, task)
+    own = DatasetInfo(
+        name="o", role="shift", num_samples=0, classes=["a", "b"], extra={"label_space": "source"}
+    )
+    assert tb.label_names(own, task) == ["a", "b"]

@@ -39,7 +39,7 @@ EXCLUDE_FILE = "exclude.json"
 METRICS_FILE = "metrics.json"
 LEAKS_FILE = "leaks.csv"
 DOCS_DIR = "data_docs"
-MULTI_DATASET_SUITES = ("coverage", "manifest", "shards", "leakage")
+PARALLEL_MIN_SAMPLES = 4000
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,12 +73,13 @@ class RuleFailure(BaseModel):
     fix: str = ""
 
     def line(self) -> str:
+        noun = "rows" if self.rows != 1 or self.total else "row"
         of = f" of {self.total}" if self.total else ""
         eg = f" (e.g. {', '.join(self.examples[:3])})" if self.examples else ""
         detail = f"; {self.detail}" if self.detail else ""
         return (
             f"dataset '{self.dataset}': rule '{self.rule}' [{self.suite}: {self.check}] "
-            f"failed on {self.rows}{of} rows{eg}{detail}. Fix: {self.fix}"
+            f"failed on {self.rows}{of} {noun}{eg}{detail}. Fix: {self.fix}"
         )
 
 
@@ -122,6 +123,37 @@ class ValidationReport(BaseModel):
         tail = f"Report: {self.report_path}; Data Docs: {self.docs_path}"
         return "\n".join([head, *lines, tail])
 
+    def summary_markdown(self) -> str:
+        """A short human summary (Prefect artifact, MLflow text)."""
+        verdict = "passed" if self.success else f"FAILED ({len(self.failures)} rule(s))"
+        lines = [
+            f"## Data validation {verdict}",
+            "",
+            f"Report `{self.report_path}`, Data Docs `{self.docs_path}`, leakage mode "
+            f"`{self.leakage}`, pHash distance <= {self.phash_max_distance}.",
+            "",
+            "| dataset | role | samples | corrupt | leaked | excluded |",
+            "|---|---|---:|---:|---:|---:|",
+            *(
+                f"| {d.name} | {d.role} | {d.samples} | {d.corrupt} | {d.leaked} | {d.excluded} |"
+                for d in self.datasets
+            ),
+        ]
+        leaks = [x for x in self.leaks if x.leaked]
+        if leaks:
+            lines += [
+                "",
+                "| evaluation set | training set | leaked | identical | near |",
+                "|---|---|---:|---:|---:|",
+            ]
+            lines += [
+                f"| {x.dataset} | {x.train_dataset} | {x.leaked} | {x.exact} | {x.near} |"
+                for x in leaks
+            ]
+        if self.failures:
+            lines += ["", "### Broken rules", "", *(f"- {f.line()}" for f in self.failures)]
+        return "\n".join(lines) + "\n"
+
     def metrics(self) -> dict[str, float]:
         """Flat numbers for DVC / MLflow."""
         out: dict[str, float] = {}
@@ -155,10 +187,18 @@ def _check_dirs(data_dir: Path, out_dir: Path) -> None:
         )
 
 
+def _workers(total_samples: int) -> int:
+    """Shard-reading processes: one per usable core, once there is enough data to pay for
+    starting them and shipping the rows back."""
+    if total_samples < PARALLEL_MIN_SAMPLES:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _read_all(data_dir: Path, infos: dict[str, Any], progress: bool) -> list[tb.DatasetRead]:
     total = sum(info.num_samples for info in infos.values())
     with tqdm(total=total, unit="sample", desc="validate: reading", disable=not progress) as bar:
-        return [tb.read_dataset(data_dir / name, info, bar.update) for name, info in infos.items()]
+        return tb.read_datasets(data_dir, infos, _workers(total), bar.update)
 
 
 def _find_leaks(
@@ -206,7 +246,7 @@ def _run_suites(
     runner = ex.GXRunner(out_dir / DOCS_DIR)
     suites: list[tuple[str | None, ex.SuiteOutcome]] = []
     for r in reads:
-        n_classes = len(task_classes or r.info.classes or [])
+        n_classes = len(tb.label_names(r.info, task_classes))
         exps = ex.sample_expectations(
             r.info,
             n_classes,

@@ -56,7 +56,7 @@ def hash_grays(grays: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     grays = np.asarray(grays, dtype=np.float64).reshape(-1, DCT_SIDE, DCT_SIDE)
     if len(grays) == 0:
         return np.zeros(0, np.uint64), np.zeros(0, bool)
-    low = np.einsum("kn,bnm,lm->bkl", _DCT, grays, _DCT).reshape(len(grays), BITS)
+    low = (_DCT @ grays @ _DCT.T).reshape(len(grays), BITS)  # batched 2-D DCT, 8x8 corner
     bits = low > np.median(low, axis=1, keepdims=True)
     packed = np.packbits(bits, axis=1, bitorder="big")  # (B, 8) bytes, most significant first
     hashes = packed.view(">u8").reshape(-1).astype(np.uint64)

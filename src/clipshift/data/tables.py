@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
+import sys
 import tarfile
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,14 @@ import pandas as pd
 from PIL import Image
 
 from clipshift.data import phash as ph
-from clipshift.data.shards import IMAGE_EXTS, INFO_FILE, DatasetInfo, group_members, sha256_file
+from clipshift.data.shards import (
+    IMAGE_EXTS,
+    INFO_FILE,
+    DatasetInfo,
+    group_members,
+    load_info,
+    sha256_file,
+)
 from clipshift.errors import DataError
 
 MANIFEST_FILE = "manifest.json"
@@ -107,11 +117,17 @@ class ShardRead:
     error: str | None = None
 
 
-def _read_shard(path: Path, shard: ShardRead, rows: list[dict], grays: list) -> None:
+def read_shard(path: str | Path, shard: ShardRead) -> list[dict[str, Any]]:
+    """Rows of one shard (``phash`` filled in); fills ``shard`` with what was found.
+
+    A top-level function of plain arguments, so a process pool can run it.
+    """
+    path = Path(path)
     if not path.exists():
         shard.error = "missing shard file"
-        return
+        return []
     shard.actual_sha256 = sha256_file(path)
+    rows, grays = [], []
     try:
         with tarfile.open(path, "r") as tar:
             for key, group in group_members(tar):
@@ -119,65 +135,123 @@ def _read_shard(path: Path, shard: ShardRead, rows: list[dict], grays: list) -> 
                 row["shard"] = shard.file
                 rows.append(row)
                 grays.append(gray)
-                shard.counted_samples += 1
     except (tarfile.TarError, EOFError, OSError) as exc:
         # keep the rows read so far: the count and hash checks report the truncation
         shard.error = f"truncated or unreadable shard ({type(exc).__name__})"
+    shard.counted_samples = len(rows)
+    for row, value in zip(rows, _hashes(grays), strict=True):
+        row["phash"] = value
+    return rows
 
 
-def _hash_column(grays: list[np.ndarray | None]) -> pd.Series:
+def _hashes(grays: list[np.ndarray | None]) -> list[int | None]:
+    """pHash per image; None for undecodable and blank images (a blank image would "match"
+    every other blank image)."""
+    out: list[int | None] = [None] * len(grays)
     idx = [i for i, g in enumerate(grays) if g is not None]
-    values = pd.array([None] * len(grays), dtype="UInt64")
     if idx:
         hashes, informative = ph.hash_grays(np.stack([grays[i] for i in idx]))
-        for i, h, ok in zip(idx, hashes, informative, strict=True):
-            if ok:  # blank images get no hash: they would "match" every other blank image
-                values[i] = h
-    return pd.Series(values)
+        for i, h, ok in zip(idx, hashes.tolist(), informative.tolist(), strict=True):
+            out[i] = h if ok else None
+    return out
+
+
+def _read_disk_info(dataset_dir: Path) -> DatasetInfo | None:
+    try:
+        return DatasetInfo.model_validate_json((dataset_dir / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return None  # missing or corrupt: the manifest checks report it
+
+
+def shard_plan(info: DatasetInfo, disk_info: DatasetInfo | None) -> list[ShardRead]:
+    """Shards to read: the manifest's, plus any only dataset.json lists; manifest values win."""
+    specs = {s.file: s for s in (disk_info.shards if disk_info else [])}
+    specs.update({s.file: s for s in info.shards})
+    order = [s.file for s in info.shards] + [
+        f for f in specs if f not in {s.file for s in info.shards}
+    ]
+    return [ShardRead(f, specs[f].sha256, specs[f].num_samples) for f in order]
 
 
 @dataclass
 class DatasetRead:
     name: str
     info: DatasetInfo  # as declared in the manifest
-    disk_info: DatasetInfo | None  # dataset.json on disk (None: missing)
+    disk_info: DatasetInfo | None  # dataset.json on disk (None: missing or corrupt)
     samples: pd.DataFrame
     shards: list[ShardRead] = field(default_factory=list)
 
 
-def read_dataset(
-    dataset_dir: str | Path,
-    info: DatasetInfo,
-    on_sample: Callable[[int], None] | None = None,
-) -> DatasetRead:
-    """Every sample of a dataset as a row (corrupt ones included), and what each shard held."""
-    dataset_dir = Path(dataset_dir)
-    disk_info = None
-    if (dataset_dir / INFO_FILE).exists():
-        try:
-            disk_info = DatasetInfo.model_validate_json((dataset_dir / INFO_FILE).read_text())
-        except ValueError:
-            disk_info = None
-    declared = disk_info if disk_info is not None and disk_info.shards else info
-    rows: list[dict] = []
-    grays: list[np.ndarray | None] = []
-    shards = []
-    for spec in declared.shards:
-        manifest_spec = next((s for s in info.shards if s.file == spec.file), spec)
-        shard = ShardRead(spec.file, manifest_spec.sha256, manifest_spec.num_samples)
-        before = len(rows)
-        _read_shard(dataset_dir / spec.file, shard, rows, grays)
-        if on_sample is not None:
-            on_sample(len(rows) - before)
-        shards.append(shard)
+def _sample_frame(info: DatasetInfo, rows: list[dict[str, Any]]) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=[c for c in SAMPLE_COLUMNS if c not in ("dataset", "role")])
     table.insert(1, "dataset", info.name)
     table.insert(2, "role", info.role)
-    table["phash"] = _hash_column(grays)
+    table["phash"] = pd.array(table["phash"].tolist(), dtype="UInt64")
     for col in ("width", "height", "caption_len", "cls"):
         table[col] = pd.array(table[col].tolist(), dtype="Int64")
     table["decodable"] = table["decodable"].astype(bool)
-    return DatasetRead(info.name, info, disk_info, table[SAMPLE_COLUMNS], shards)
+    return table[SAMPLE_COLUMNS]
+
+
+def read_datasets(
+    data_dir: str | Path,
+    infos: dict[str, DatasetInfo],
+    workers: int = 1,
+    on_sample: Callable[[int], None] | None = None,
+) -> list[DatasetRead]:
+    """Every sample of every dataset as a row (corrupt ones included), shards in parallel.
+
+    ``workers > 1`` reads shards in that many forked processes (Linux; elsewhere serially).
+    Fork, like torch's DataLoader workers, because spawn would re-import the caller's
+    ``__main__`` and break scripts without a main guard; the children only read files.
+    Results are assembled in manifest order, so the output does not depend on ``workers``.
+    """
+    data_dir = Path(data_dir)
+    plans = {}
+    for name, info in infos.items():
+        disk_info = _read_disk_info(data_dir / name)
+        plans[name] = (disk_info, shard_plan(info, disk_info))
+    jobs = [(name, shard) for name, (_, shards) in plans.items() for shard in shards]
+    results: dict[tuple[str, str], tuple[list[dict], ShardRead]] = {}
+
+    def done(name: str, shard: ShardRead, rows: list[dict]) -> None:
+        results[name, shard.file] = (rows, shard)
+        if on_sample is not None:
+            on_sample(len(rows))
+
+    if workers > 1 and len(jobs) > 1 and sys.platform == "linux":
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+            futures = {
+                pool.submit(_read_job, data_dir / name / shard.file, shard): name
+                for name, shard in jobs
+            }
+            for fut in as_completed(futures):
+                rows, shard = fut.result()
+                done(futures[fut], shard, rows)
+    else:
+        for name, shard in jobs:
+            done(name, shard, read_shard(data_dir / name / shard.file, shard))
+    reads = []
+    for name, info in infos.items():
+        disk_info, shards = plans[name]
+        parts = [results[name, s.file] for s in shards]
+        rows = [row for part, _ in parts for row in part]
+        read = DatasetRead(name, info, disk_info, _sample_frame(info, rows), [s for _, s in parts])
+        reads.append(read)
+    return reads
+
+
+def _read_job(path: Path, shard: ShardRead) -> tuple[list[dict[str, Any]], ShardRead]:
+    rows = read_shard(path, shard)
+    return rows, shard  # the worker's copy of ``shard`` carries the counts back
+
+
+def read_dataset(dataset_dir: str | Path, info: DatasetInfo | None = None) -> DatasetRead:
+    """One dataset's per-sample table (its dataset.json stands in for a manifest entry)."""
+    dataset_dir = Path(dataset_dir)
+    info = info or load_info(dataset_dir)
+    return read_datasets(dataset_dir.parent, {dataset_dir.name: info})[0]
 
 
 def load_manifest(data_dir: str | Path) -> tuple[list[str], dict[str, DatasetInfo]]:
@@ -250,13 +324,21 @@ def shard_table(reads: list[DatasetRead]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+def label_names(info: DatasetInfo, task_classes: list[str]) -> list[str]:
+    """The class names a dataset's ``cls`` indexes: the task's, unless fetch recorded that the
+    labels index the source's own classes (``extra.label_space == "source"``)."""
+    if info.extra.get("label_space") == "source" or not task_classes:
+        return list(info.classes or [])
+    return list(task_classes)
+
+
 def expected_classes(info: DatasetInfo, task_classes: list[str]) -> list[int]:
-    """Class indices a labelled dataset must cover: the task's, or its declared subset.
+    """Class indices a labelled dataset must cover: all of its label space, or its subset.
 
     A shift that covers only part of the task (ImageNet-R/-A style) declares it in dataset.json
     as ``extra.class_subset``: task class names or indices.
     """
-    names = task_classes or list(info.classes or [])
+    names = label_names(info, task_classes)
     subset = info.extra.get("class_subset")
     if subset is None:
         return list(range(len(names)))
@@ -279,7 +361,7 @@ def coverage_table(
     for r in reads:
         if r.info.role not in LABELLED_ROLES:
             continue
-        names = task_classes or list(r.info.classes or [])
+        names = label_names(r.info, task_classes)
         s = r.samples
         usable = s[s["decodable"] & s["cls"].notna() & ~s["key"].isin(excluded.get(r.name, set()))]
         counts = usable["cls"].astype(int).value_counts()
