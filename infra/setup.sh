@@ -37,6 +37,7 @@ fi
 # Emoji art that ships on npm (Fluent and Noto colour); the world builder also installs it
 # on demand, this just does it up front.
 if [ -f infra/art/package.json ] && command -v npm >/dev/null 2>&1; then
-  .venv/bin/python -m clipshift.data.world.art --install >/dev/null
+  .venv/bin/python -c "from clipshift.data.world.art import ensure_npm_art, pinned_npm_versions
+ensure_npm_art('.cache/clipshift', pinned_npm_versions())"
 fi
 echo "setup: ready (.venv)"

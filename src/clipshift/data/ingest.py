@@ -381,6 +381,7 @@ class LabelMap:
     space: str
     source_classes: list[str] | None = None
     unmapped: list[str] = field(default_factory=list)
+    subset: list[str] | None = None
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -388,6 +389,9 @@ class LabelMap:
             out["source_classes"] = self.source_classes
         if self.unmapped:
             out["unmapped_classes"] = self.unmapped
+        if self.subset is not None:
+            # read by validate's coverage suite: a shift may cover only part of the task
+            out["class_subset"] = self.subset
         return out
 
 
@@ -413,10 +417,11 @@ def folder_label_map(src: SourceConfig, folders: list[str], task: list[str] | No
     if src.class_map is not None:
         classes, index = _map_onto(src, task)
         unmapped = [f for f in folders if f not in index]
-        return LabelMap(classes, index, "task", names, unmapped)
+        subset = sorted({classes[i] for f, i in index.items() if f in folders})
+        return LabelMap(classes, index, "task", names, unmapped, subset)
     if task and set(names) <= set(task):  # a shift named like the task: index the task
         index = {f: task.index(n) for f, n in zip(folders, names, strict=True)}
-        return LabelMap(list(task), index, "task")
+        return LabelMap(list(task), index, "task", subset=sorted(set(names)))
     return LabelMap(names, {f: i for i, f in enumerate(folders)}, "source")
 
 
@@ -426,10 +431,12 @@ def wds_label_map(src: SourceConfig, task: list[str] | None) -> LabelMap:
     names = src.classnames
     if src.class_map is not None:
         classes, index = _map_onto(src, task)
-        return LabelMap(classes, index, "task", names)
+        subset = sorted({classes[i] for i in index.values()})
+        return LabelMap(classes, index, "task", names, subset=subset)
     if names is not None:
         if task and set(names) <= set(task):
-            return LabelMap(list(task), {n: task.index(n) for n in names}, "task", names)
+            index = {n: task.index(n) for n in names}
+            return LabelMap(list(task), index, "task", names, subset=sorted(set(names)))
         return LabelMap(list(names), {n: i for i, n in enumerate(names)}, "source", names)
     return LabelMap(list(task) if task else None, None, "task" if task else "none")
 

@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from clipshift.config import FetchConfig, WorldConfig
 from clipshift.data.shards import INFO_FILE, DatasetInfo, ShardWriter
-from clipshift.data.world.art import DERIVED_STYLES, SOURCES, ArtLibrary, base_style
+from clipshift.data.world.art import DERIVED_STYLES, ArtLibrary, base_style
 from clipshift.data.world.captions import EmojiMeta, load_catalog, make_caption
+from clipshift.data.world.card import write_card
 from clipshift.data.world.render import render
 from clipshift.errors import DataError
 from clipshift.tracking_api import NullTracker, Tracker
@@ -41,8 +43,9 @@ CONFUSABLE_SUBCATEGORIES = frozenset(
     "hair-style family person-symbol".split()
 )
 CONFUSABLE_WORDS = frozenset({"button", "sign", "symbol", "mark"})
-# At most this many task classes per group, so the task is not fifty faces.
+# Words that do not make two emoji variants of one thing ('drooling face', 'cup with straw').
 GENERIC_WORDS = frozenset("face with of and in on the at behind".split())
+# At most this many task classes per group, so the task is not fifty faces.
 GROUP_CAPS = {"face": 4, "hand": 2, "person": 3, "heart": 1}
 DEFAULT_GROUP_CAP = 3
 DERIVED_INFO = {
@@ -53,9 +56,12 @@ DERIVED_INFO = {
 
 
 def derive_seed(seed: int, *parts: object) -> int:
-    """A 64-bit seed unique to (seed, parts): independent streams for every dataset and index."""
+    """A seed unique to (seed, parts): independent streams for every dataset and index.
+
+    63 bits, so it fits the int64 columns that pandas / Great Expectations read metadata into.
+    """
     text = "/".join(str(p) for p in ("clipshift-world", seed, *parts))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 def rng_for(seed: int, *parts: object) -> np.random.Generator:
@@ -111,8 +117,9 @@ def _content_words(name: str) -> set[str]:
 
 def _clash(words: set[str], used: set[str]) -> bool:
     """Shared words, or one containing the other ('locked' / 'unlocked')."""
-    return any(w == u or (min(len(w), len(u)) >= 4 and (w in u or u in w)) for w in words
-               for u in used)
+    return any(
+        w == u or (min(len(w), len(u)) >= 4 and (w in u or u in w)) for w in words for u in used
+    )
 
 
 def select_classes(
@@ -147,9 +154,10 @@ def select_classes(
     while progress and len(chosen) < num_classes:
         progress = False
         for group in order:
-            queue = groups[group]
-            if len(chosen) >= num_classes or taken[group] >= GROUP_CAPS.get(group, DEFAULT_GROUP_CAP):
+            full = taken[group] >= GROUP_CAPS.get(group, DEFAULT_GROUP_CAP)
+            if full or len(chosen) >= num_classes:
                 continue
+            queue = groups[group]
             while queue:
                 key = queue.pop(0)
                 words = _content_words(catalog[key].name)
@@ -191,12 +199,19 @@ class DatasetPlan:
     labelled: bool
 
 
-def labelled_plan(name: str, role: str, style: str, classes: list[str], per_class: int,
-                  seed: int) -> DatasetPlan:
+def labelled_plan(
+    name: str, role: str, style: str, classes: list[str], per_class: int, seed: int
+) -> DatasetPlan:
     # round-robin over classes, so every shard holds every class
     samples = [
-        SampleSpec(name, i, classes[i % len(classes)], style, derive_seed(seed, name, i),
-                   label=i % len(classes))
+        SampleSpec(
+            name,
+            i,
+            classes[i % len(classes)],
+            style,
+            derive_seed(seed, name, i),
+            label=i % len(classes),
+        )
         for i in range(per_class * len(classes))
     ]
     return DatasetPlan(name, role, [style], samples, labelled=True)
@@ -209,9 +224,17 @@ def _cycled(universe: list[str], seed: int, stream: str, count: int) -> Iterator
         yield from (universe[j] for j in perm[: count - start])
 
 
-def caption_plan(name: str, role: str, styles: list[str], universe: list[str],
-                 catalog: dict[str, EmojiMeta], count: int, noise: float, seed: int,
-                 content: str) -> DatasetPlan:
+def caption_plan(
+    name: str,
+    role: str,
+    styles: list[str],
+    universe: list[str],
+    catalog: dict[str, EmojiMeta],
+    count: int,
+    noise: float,
+    seed: int,
+    content: str,
+) -> DatasetPlan:
     """Image-caption pairs; ``content`` names the stream of emoji and caption draws."""
     names = [catalog[k].name for k in universe]
     samples = []
@@ -220,13 +243,17 @@ def caption_plan(name: str, role: str, styles: list[str], universe: list[str],
         style = styles[int(rng_for(image_seed, "style").integers(len(styles)))]
         caption_rng = rng_for(seed, f"{content}-caption", i)
         text, kind = make_caption(catalog[key], style, caption_rng, noise, names)
-        samples.append(SampleSpec(name, i, key, style, image_seed, caption=text,
-                                  caption_kind=kind))
+        samples.append(SampleSpec(name, i, key, style, image_seed, caption=text, caption_kind=kind))
     return DatasetPlan(name, role, list(styles), samples, labelled=False)
 
 
-def world_plan(world: WorldConfig, seed: int, classes: list[str], universe: list[str],
-               catalog: dict[str, EmojiMeta]) -> list[DatasetPlan]:
+def world_plan(
+    world: WorldConfig,
+    seed: int,
+    classes: list[str],
+    universe: list[str],
+    catalog: dict[str, EmojiMeta],
+) -> list[DatasetPlan]:
     ref = world.reference_style
     plans = [
         labelled_plan("train", "train", ref, classes, world.train_per_class, seed),
@@ -238,11 +265,33 @@ def world_plan(world: WorldConfig, seed: int, classes: list[str], universe: list
         for s in world.shift_styles
     ]
     for pool, styles in (("diverse", world.diverse_styles), ("narrow", world.narrow_styles)):
-        plans.append(caption_plan(f"pool-{pool}", "pool", list(dict.fromkeys(styles)), universe,
-                                  catalog, world.pool_size, world.caption_noise, seed, "pool"))
+        plans.append(
+            caption_plan(
+                f"pool-{pool}",
+                "pool",
+                list(dict.fromkeys(styles)),
+                universe,
+                catalog,
+                world.pool_size,
+                world.caption_noise,
+                seed,
+                "pool",
+            )
+        )
     # retrieval: clean captions (noise would blur the metric), its own content stream
-    plans.append(caption_plan("retrieval", "retrieval", list(dict.fromkeys(world.diverse_styles)),
-                              universe, catalog, world.retrieval_size, 0.0, seed, "retrieval"))
+    plans.append(
+        caption_plan(
+            "retrieval",
+            "retrieval",
+            list(dict.fromkeys(world.diverse_styles)),
+            universe,
+            catalog,
+            world.retrieval_size,
+            0.0,
+            seed,
+            "retrieval",
+        )
+    )
     return plans
 
 
@@ -256,7 +305,7 @@ class Renderer:
     def __init__(self, lib: ArtLibrary, world: WorldConfig, catalog: dict[str, EmojiMeta]):
         self.lib, self.world, self.catalog = lib, world, catalog
 
-    def image(self, key: str, style: str, seed: int) -> tuple[Any, dict[str, Any]]:
+    def image(self, key: str, style: str, seed: int) -> tuple[Image.Image, dict[str, Any]]:
         art = self.lib.art(base_style(style, self.world.reference_style), key)
         if art is None:
             raise DataError(
@@ -268,10 +317,18 @@ class Renderer:
     def sample(self, spec: SampleSpec, classes: list[str]) -> dict[str, Any]:
         meta = self.catalog[spec.key]
         image, augment = self.image(spec.key, spec.style, spec.seed)
-        info = {"emoji": meta.char, "codepoint": spec.key, "name": meta.name,
-                "category": meta.category, "subcategory": meta.subcategory,
-                "style": spec.style, "split": spec.dataset, "index": spec.index,
-                "seed": spec.seed, "augment": augment}
+        info = {
+            "emoji": meta.char,
+            "codepoint": spec.key,
+            "name": meta.name,
+            "category": meta.category,
+            "subcategory": meta.subcategory,
+            "style": spec.style,
+            "split": spec.dataset,
+            "index": spec.index,
+            "seed": spec.seed,
+            "augment": augment,
+        }
         sample: dict[str, Any] = {"__key__": f"{spec.dataset}-{spec.index:07d}", "png": image}
         if spec.label is not None:
             sample["cls"] = spec.label
@@ -283,14 +340,28 @@ class Renderer:
         return sample
 
 
-def write_plan(plan: DatasetPlan, renderer: Renderer, out_dir: Path, classes: list[str],
-               world: WorldConfig, seed: int, progress: bool) -> DatasetInfo:
+def write_plan(
+    plan: DatasetPlan,
+    renderer: Renderer,
+    out_dir: Path,
+    classes: list[str],
+    world: WorldConfig,
+    seed: int,
+    progress: bool,
+) -> DatasetInfo:
     info = DatasetInfo(
-        name=plan.name, role=plan.role, num_samples=0,
-        classes=classes if plan.labelled else None, styles=plan.styles,
-        source=SOURCE_NAME, image_size=world.image_size,
-        extra={"seed": seed, "generator": "clipshift.data.world",
-               "emoji": len({s.key for s in plan.samples})},
+        name=plan.name,
+        role=plan.role,
+        num_samples=0,
+        classes=classes if plan.labelled else None,
+        styles=plan.styles,
+        source=SOURCE_NAME,
+        image_size=world.image_size,
+        extra={
+            "seed": seed,
+            "generator": "clipshift.data.world",
+            "emoji": len({s.key for s in plan.samples}),
+        },
     )
     with ShardWriter(out_dir / plan.name, info, shard_size=world.shard_size) as writer:
         for spec in tqdm(plan.samples, desc=plan.name, disable=not progress, leave=False):
@@ -329,14 +400,9 @@ def build_world(
     cfg: FetchConfig, out_dir: Path, tracker: Tracker | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Render the built-in world into ``out_dir``; return its part of the fetch manifest."""
-    from clipshift.data.world.card import write_card  # card imports build: avoid a cycle
-
     start = time.perf_counter()
     tracker = tracker or NullTracker()
     world, seed, out_dir = cfg.world, cfg.seed, Path(out_dir)
-    unknown = [s for s in base_styles(world) if s not in SOURCES]
-    if unknown:
-        raise DataError(f"fetch.world uses styles with no art source: {unknown}")
     lib = ArtLibrary(base_styles(world), cfg.cache_dir, art_px=max(64, 2 * world.image_size))
     catalog = load_catalog()
     universe = emoji_universe(lib, catalog, base_styles(world))
@@ -349,7 +415,6 @@ def build_world(
     datasets = {}
     for plan in tqdm(plans, desc="emoji world", disable=not progress):
         datasets[plan.name] = write_plan(plan, renderer, out_dir, classes, world, seed, progress)
-    lib.save_cache()
     result: dict[str, Any] = {
         "task": {
             "classes": classes,
@@ -363,6 +428,7 @@ def build_world(
         "styles": style_infos(lib, world),
     }
     card_files = write_card(out_dir / "card", result, cfg, renderer)
+    lib.save_cache()
     result["build_seconds"] = round(time.perf_counter() - start, 2)
     tracker.log_metrics(
         {f"world_{name}_samples": float(info.num_samples) for name, info in datasets.items()}

@@ -103,24 +103,83 @@ def load_catalog() -> dict[str, EmojiMeta]:
 
 # How people describe each medium; a caption names the medium only sometimes, like alt-text.
 MEDIUM_WORDS = {
-    "colour": ["cartoon", "emoji", "icon", "clipart", "sticker", "illustration", "flat icon",
-               "vector graphic", "emoticon", "cartoon drawing"],
-    "line": ["line drawing", "sketch", "black and white icon", "outline drawing", "pictogram",
-             "doodle", "ink drawing", "coloring page"],
+    "colour": [
+        "cartoon",
+        "emoji",
+        "icon",
+        "clipart",
+        "sticker",
+        "illustration",
+        "flat icon",
+        "vector graphic",
+        "emoticon",
+        "cartoon drawing",
+    ],
+    "line": [
+        "line drawing",
+        "sketch",
+        "black and white icon",
+        "outline drawing",
+        "pictogram",
+        "doodle",
+        "ink drawing",
+        "coloring page",
+    ],
     "silhouette": ["silhouette", "shadow", "black shape", "pictogram", "stencil"],
-    "grayscale": ["black and white picture", "grayscale icon", "monochrome image",
-                  "grayscale drawing"],
-    "corrupt": ["blurry picture", "low quality image", "noisy photo", "pixelated image",
-                "grainy picture"],
+    "grayscale": [
+        "black and white picture",
+        "grayscale icon",
+        "monochrome image",
+        "grayscale drawing",
+    ],
+    "corrupt": [
+        "blurry picture",
+        "low quality image",
+        "noisy photo",
+        "pixelated image",
+        "grainy picture",
+    ],
 }
 GENERIC_MEDIUM = ["emoji", "icon", "picture", "image", "drawing", "graphic"]
-STYLE_MEDIUM = {"noto_line": "line", "fluent_line": "line", "silhouette": "silhouette",
-                "grayscale": "grayscale", "corrupt": "corrupt"}
-JUNK_HASHTAGS = ["#love", "#instagood", "#photooftheday", "#tbt", "#art", "#cute", "#happy",
-                 "#fashion", "#follow", "#nofilter", "#mood", "#design", "#vibes", "#repost"]
-GENERIC_CAPTIONS = ["image.png", "IMG_{n}.JPG", "untitled", "download ({d}).png", "screenshot",
-                    "stock image", "click to enlarge", "no description available", "photo",
-                    "image {n}", "thumbnail", "file:{n}.svg", "pic", "see more"]
+STYLE_MEDIUM = {
+    "noto_line": "line",
+    "fluent_line": "line",
+    "silhouette": "silhouette",
+    "grayscale": "grayscale",
+    "corrupt": "corrupt",
+}
+JUNK_HASHTAGS = [
+    "#love",
+    "#instagood",
+    "#photooftheday",
+    "#tbt",
+    "#art",
+    "#cute",
+    "#happy",
+    "#fashion",
+    "#follow",
+    "#nofilter",
+    "#mood",
+    "#design",
+    "#vibes",
+    "#repost",
+]
+GENERIC_CAPTIONS = [
+    "image.png",
+    "IMG_{n}.JPG",
+    "untitled",
+    "download ({d}).png",
+    "screenshot",
+    "stock image",
+    "click to enlarge",
+    "no description available",
+    "photo",
+    "image {n}",
+    "thumbnail",
+    "file:{n}.svg",
+    "pic",
+    "see more",
+]
 TEMPLATES = [
     "{a_medium} of {a_name}",
     "{a_name}",
@@ -216,7 +275,9 @@ def noisy_caption(
         wrong = _pick(rng, names)
         text = base.replace(meta.name, wrong) if meta.name in base else f"{wrong} {base}"
     elif kind == "hashtags":
-        tags = [str(t) for t in rng.choice(JUNK_HASHTAGS, size=int(rng.integers(2, 6)), replace=False)]
+        tags = [
+            str(t) for t in rng.choice(JUNK_HASHTAGS, size=int(rng.integers(2, 6)), replace=False)
+        ]
         text = f"{base} {' '.join(tags)}"
     elif kind == "generic":
         text = _pick(rng, GENERIC_CAPTIONS).format(

