@@ -10,14 +10,16 @@ import pytest
 from clipshift import tracking
 from clipshift.config import FetchConfig, ValidateConfig
 from clipshift.errors import ValidationFailed
-from tests.tiny import TINY_WORLD, copy_sample_into
+from tests.tiny import ART_CACHE, TINY_WORLD, copy_sample_into
 
 
 @pytest.fixture
 def fetched(mlflow_store, prefect_harness, tmp_path):
     from flows.fetch import fetch_flow
 
-    config = FetchConfig(world=TINY_WORLD, out_dir=str(tmp_path / "data/fetch"))
+    config = FetchConfig(
+        world=TINY_WORLD, out_dir=str(tmp_path / "data/fetch"), cache_dir=str(ART_CACHE)
+    )
     metrics = fetch_flow(config=config)
     return config, metrics
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+# The rendered-art and npm caches are shared by all tests (building them costs seconds).
+ART_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "clipshift"
 
 TINY_WORLD: dict[str, Any] = {
     "image_size": 32,

@@ -198,7 +198,7 @@ def ensure_npm_art(cache_dir: str | Path, packages: Iterable[str]) -> Path:
     when a package is missing or at another version than ``infra/art/package.json`` pins.
     """
     pins = pinned_npm_versions()
-    root = npm_dir(cache_dir)
+    root = npm_dir(cache_dir).resolve()  # npm runs with cwd=root: a relative prefix would nest
     wanted = sorted(set(packages))
     stale = [p for p in wanted if _installed_version(root, p) != pins.get(p)]
     if not stale:
