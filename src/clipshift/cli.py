@@ -22,6 +22,9 @@ def _quiet_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Without PREFECT_API_URL each stage starts a temporary server; on a busy 2-core machine
+    # it can take longer than Prefect's default 20 s to answer.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     repo = Path.cwd()
     if (repo / "flows").is_dir() and str(repo) not in sys.path:
         sys.path.insert(0, str(repo))
