@@ -14,6 +14,6 @@ def finetune_flow(config: FinetuneConfig = FinetuneConfig()) -> dict:
     """Adapt the pretrained CLIPs to the reference task and train the baseline models."""
     with tracked_stage("finetune", config) as tracker:
         result = run_finetune(config, tracker=tracker)
-        rows = result.get("models", []) if isinstance(result, dict) else []
+        rows = [{"model": mid, **info} for mid, info in result.get("models", {}).items()]
         report_table("finetune-models", rows, "Models written by finetune")
         return result

@@ -85,7 +85,9 @@ def clip_classifier(clip_model: nn.Module, class_embeddings: torch.Tensor) -> Im
     Scaling the head by CLIP's learned temperature (as WiSE-FT does) gives calibrated logits,
     and keeps the zero-shot head on the scale fine-tuning starts from.
     """
-    scale = float(clip_model.logit_scale.detach().exp()) if hasattr(clip_model, "logit_scale") else 1.0
+    scale = (
+        float(clip_model.logit_scale.detach().exp()) if hasattr(clip_model, "logit_scale") else 1.0
+    )
     visual = copy.deepcopy(clip_model.visual)
     return ImageClassifier(visual, make_head(scale * class_embeddings.float()), True)
 
@@ -158,7 +160,7 @@ def extract_features(
     images_uint8: torch.Tensor,
     batch_size: int = 256,
     normalize_fn: Callable[..., torch.Tensor] | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """Raw tower outputs ``[N, embed_dim]`` (float32, CPU) for uint8 images ``[N, 3, H, W]``.
 
@@ -166,6 +168,7 @@ def extract_features(
     evaluation set never exists as float32 in memory all at once.
     """
     normalize_fn = normalize_fn or to_model_input
+    device = device or module_device(visual)
     size = visual_image_size(visual)
     was_training = visual.training
     visual.eval()
@@ -185,15 +188,21 @@ def predict_logits(
     images_uint8: torch.Tensor,
     batch_size: int = 256,
     normalize_fn: Callable[..., torch.Tensor] | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """Logits ``[N, classes]`` (CPU) of a classifier on uint8 images."""
     feats = extract_features(clf.visual, images_uint8, batch_size, normalize_fn, device)
     was_training = clf.training
     clf.eval()
-    logits = clf.head(clf.prepare(feats.to(device))).float().cpu()
+    logits = clf.head(clf.prepare(feats.to(module_device(clf.head)))).float().cpu()
     clf.train(was_training)
     return logits
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's parameters live (CPU for a parameterless module)."""
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def default_device() -> torch.device:

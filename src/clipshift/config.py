@@ -397,6 +397,9 @@ class InterpolateConfig(StrictModel):
 class EvaluateConfig(StrictModel):
     data_dir: str = Field("data/fetch")
     models_dir: str = Field("models")
+    validate_dir: str = Field(
+        "data/validate", description="Output of validate; its exclude.json lists dropped samples."
+    )
     metrics_path: str = Field("metrics/evaluate.json")
     plots_dir: str = Field("plots/evaluate")
     transform: Literal["logit", "probit"] = Field(
@@ -434,6 +437,9 @@ def _default_scaling_grid() -> list[ScalingRun]:
 
 class ScalingConfig(StrictModel):
     data_dir: str = Field("data/fetch")
+    validate_dir: str = Field(
+        "data/validate", description="Output of validate: its exclude.json is honoured."
+    )
     out_dir: str = Field("models/scaling")
     metrics_path: str = Field("metrics/scaling.json")
     plots_dir: str = Field("plots/scaling")

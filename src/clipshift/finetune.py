@@ -21,6 +21,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ def cosine_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], floa
 
 
 def accuracy_of(
-    clf: ImageClassifier, data, batch_size: int = 256, device: str | torch.device = "cpu"
+    clf: ImageClassifier, data, batch_size: int = 256, device: str | torch.device | None = None
 ) -> float:
     logits = predict_logits(clf, data.images, batch_size, to_model_input, device)
     return float((logits.argmax(dim=1) == torch.as_tensor(data.labels)).float().mean())
@@ -194,7 +195,7 @@ def finetune_end_to_end(
             if bar is not None:
                 bar.update(1)
             if step % 10 == 0 or step == total:
-                tracker.log_metrics({f"{log_prefix}/loss": float(loss)}, step=step)
+                tracker.log_metrics({f"{log_prefix}/loss": float(loss.detach())}, step=step)
         if val is not None:
             acc = accuracy_of(clf, val, 256, device)
             tracker.log_metrics({f"{log_prefix}/val_accuracy": acc}, step=step)
@@ -269,7 +270,10 @@ def train_linear_probe(
         heads[wd] = _fit_logistic(x, y, num_classes, wd, steps, lr, seed)
         scores[wd] = float((heads[wd](xv).argmax(1) == yv).float().mean())
     best = max(grid, key=lambda w: (scores[w], w))
-    return heads[best], {"weight_decay": best, "val_accuracy": {str(k): v for k, v in scores.items()}}
+    return heads[best], {
+        "weight_decay": best,
+        "val_accuracy": {str(k): v for k, v in scores.items()},
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,21 +298,25 @@ def knn_predict(
     train_labels = torch.as_tensor(train_labels, dtype=torch.long)
     num_classes = num_classes or int(train_labels.max()) + 1
     k = min(k, len(train_labels))
-    bank = F.normalize(train_feats.float(), dim=-1)
+    device = test_feats.device
+    bank = F.normalize(train_feats.float().to(device), dim=-1)
+    train_labels = train_labels.to(device)
     out = []
     for start in range(0, len(test_feats), chunk):
         queries = F.normalize(test_feats[start : start + chunk].float(), dim=-1)
         sims, idx = (queries @ bank.T).topk(k, dim=1)
         weights = (sims / temperature).exp()
-        votes = torch.zeros(len(queries), num_classes)
+        votes = torch.zeros(len(queries), num_classes, device=device)
         votes.scatter_add_(1, train_labels[idx], weights)
         out.append(votes / votes.sum(dim=1, keepdim=True))
     if not out:
-        return torch.zeros(0, num_classes)
+        return torch.zeros(0, num_classes, device=device)
     return torch.cat(out)
 
 
-def save_knn(path: str | Path, train_feats: torch.Tensor, train_labels: torch.Tensor, meta: dict) -> Path:
+def save_knn(
+    path: str | Path, train_feats: torch.Tensor, train_labels: torch.Tensor, meta: dict
+) -> Path:
     """k-NN "model" = training features + labels; ``meta['visual_checkpoint']`` names the
     classifier file (same directory) whose vision tower computes the features."""
     state = {
@@ -344,24 +352,163 @@ def _load_split(data_dir: str | Path, name: str):
     return load_labelled(Path(data_dir) / name, None)
 
 
-def _clip_meta(bundle: ClipBundle, classes: Sequence[str], kind: str, pool: str, **extra) -> dict:
+def _clip_meta(
+    bundle: ClipBundle, classes: Sequence[str], pool: str, templates: Sequence[str]
+) -> dict:
     return {
         "model_name": bundle.name,
         "model_config": bundle.config,
         "classnames": list(classes),
-        "kind": kind,
+        "kind": "zeroshot",
         "pool": pool,
-        **extra,
+        "templates": list(templates),
     }
 
 
-def run_finetune(cfg: FinetuneConfig, tracker: Tracker | None = None, progress: bool = True) -> dict:
-    """The finetune stage; returns a summary (also written to ``<out_dir>/finetune.json``)."""
+@dataclass
+class _Stage:
+    """What every step of the finetune stage shares; ``add`` saves nothing, it records."""
+
+    cfg: FinetuneConfig
+    out: Path
+    train: Any
+    val: Any
+    classes: list[str]
+    device: torch.device
+    tracker: Tracker
+    progress: bool
+    entries: list[ModelEntry] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=lambda: {"models": {}})
+
+    def add(self, entry: ModelEntry, seconds: float, val_accuracy: float | None) -> None:
+        entry.extra.update({"train_seconds": round(seconds, 2), "val_accuracy": val_accuracy})
+        self.entries.append(entry)
+        self.summary["models"][entry.id] = {"kind": entry.kind, "pool": entry.pool, **entry.extra}
+        if val_accuracy is not None:
+            self.tracker.log_metrics({f"val_accuracy/{entry.id}": val_accuracy})
+
+
+def _val_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((scores.argmax(1) == torch.as_tensor(labels)).float().mean())
+
+
+def _zeroshot(st: _Stage, pool: str, pretrained: Path) -> tuple[ImageClassifier, dict]:
+    t0 = time.perf_counter()
+    bundle = load_pretrained(pretrained, st.device)
+    zs = zeroshot_classifier(bundle, st.classes, st.cfg.templates, st.cfg.batch_size)
+    meta = _clip_meta(bundle, st.classes, pool, st.cfg.templates)
+    save_classifier(st.out / f"zeroshot-{pool}.pt", zs, meta)
+    entry = ModelEntry(
+        id=f"zeroshot-{pool}",
+        kind="zeroshot",
+        pool=pool,
+        path=f"zeroshot-{pool}.pt",
+        extra={"pretrained": str(pretrained)},
+    )
+    st.add(entry, time.perf_counter() - t0, accuracy_of(zs, st.val, st.cfg.batch_size))
+    return zs, meta
+
+
+def _linear_and_knn(st: _Stage, pool: str, zs: ImageClassifier, meta: dict) -> None:
+    """Linear probe and k-NN on one feature pass of the frozen pretrained tower."""
+    cfg, t0 = st.cfg, time.perf_counter()
+    f_train = extract_features(zs.visual, st.train.images, cfg.batch_size)
+    f_val = extract_features(zs.visual, st.val.images, cfg.batch_size)
+    wd = cfg.linear_weight_decay
+    head, info = train_linear_probe(
+        f_train,
+        st.train.labels,
+        f_val,
+        st.val.labels,
+        num_classes=len(st.classes),
+        weight_decays=[wd * 10.0**e for e in (-2, -1, 0, 1, 2)] if wd > 0 else [0.0],
+        steps=cfg.linear_epochs,
+        lr=cfg.linear_lr,
+        seed=cfg.seed,
+    )
+    probe = ImageClassifier(copy.deepcopy(zs.visual), make_head(head.weight, head.bias), True)
+    save_classifier(st.out / f"linear-{pool}.pt", probe, {**meta, "kind": "linear", **info})
+    entry = ModelEntry(
+        id=f"linear-{pool}",
+        kind="linear",
+        pool=pool,
+        path=f"linear-{pool}.pt",
+        extra={"weight_decay": info["weight_decay"]},
+    )
+    with torch.no_grad():
+        st.add(
+            entry,
+            time.perf_counter() - t0,
+            _val_accuracy(head(F.normalize(f_val, dim=-1)), st.val.labels),
+        )
+
+    knn_meta = {
+        **meta,
+        "kind": "knn",
+        "k": cfg.knn_k,
+        "temperature": KNN_TEMPERATURE,
+        "visual_checkpoint": f"zeroshot-{pool}.pt",
+        "num_classes": len(st.classes),
+    }
+    save_knn(st.out / f"knn-{pool}.pt", f_train, st.train.labels, knn_meta)
+    probs = knn_predict(f_train, st.train.labels, f_val, cfg.knn_k, len(st.classes))
+    entry = ModelEntry(
+        id=f"knn-{pool}", kind="knn", pool=pool, path=f"knn-{pool}.pt", extra={"k": cfg.knn_k}
+    )
+    st.add(entry, 0.0, _val_accuracy(probs, st.val.labels))
+
+
+def _end_to_end(st: _Stage, pool: str, zs: ImageClassifier, meta: dict) -> None:
+    """One fine-tune per ``soup_lrs`` entry (seed + i); the first is the main model."""
+    cfg = st.cfg
+    for i, lr in enumerate(cfg.soup_lrs):
+        t0 = time.perf_counter()
+        clf = copy.deepcopy(zs)
+        finetune_end_to_end(
+            clf,
+            st.train,
+            st.val,
+            epochs=cfg.e2e_epochs,
+            lr=lr,
+            batch_size=cfg.e2e_batch_size,
+            seed=cfg.seed + i,
+            tracker=st.tracker,
+            log_prefix=f"finetune/{pool}-{i}",
+            progress=st.progress,
+            device=st.device,
+        )
+        name = f"finetuned-{pool}-{i}"
+        facts = {"lr": lr, "seed": cfg.seed + i}
+        save_classifier(st.out / f"{name}.pt", clf, {**meta, "kind": "finetuned", **facts})
+        entry = ModelEntry(
+            id=name, kind="finetuned", pool=pool, path=f"{name}.pt", extra={**facts, "main": i == 0}
+        )
+        st.add(entry, time.perf_counter() - t0, accuracy_of(clf, st.val, cfg.batch_size))
+
+
+def _baselines(st: _Stage) -> None:
     from clipshift.baselines import train_baselines
 
-    tracker = tracker or NullTracker()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    image_size = int(st.train.images.shape[-1])
+    trained = train_baselines(
+        st.cfg.baselines, st.train, st.val, image_size, st.cfg.seed, st.tracker, device=st.device
+    )
+    for model in trained:
+        path = f"{model.id}.pt"
+        save_classifier(st.out / path, model.clf, {**model.meta, "classnames": st.classes})
+        entry = ModelEntry(
+            id=model.id, kind="baseline", pool=None, path=path, extra=dict(model.meta["spec"])
+        )
+        st.add(entry, model.seconds, model.val_accuracy)
+
+
+def run_finetune(
+    cfg: FinetuneConfig, tracker: Tracker | None = None, progress: bool = True
+) -> dict:
+    """The finetune stage: for every pretrained pool a zero-shot classifier, a linear probe and
+    a k-NN classifier; for ``cfg.pool`` the end-to-end fine-tunes; then the baselines. Writes
+    the models, ``index.json`` and ``finetune.json`` under ``cfg.out_dir``; returns the summary.
+    """
     pools = find_pools(cfg.pretrain_dir)
     if cfg.pool not in pools:
         raise DataError(
@@ -369,85 +516,33 @@ def run_finetune(cfg: FinetuneConfig, tracker: Tracker | None = None, progress: 
             "run `dvc repro pretrain` or set finetune.pool to one of them"
         )
     train, val = _load_split(cfg.data_dir, "train"), _load_split(cfg.data_dir, "val")
-    if list(train.classes) != list(val.classes):
-        raise DataError("train and val list different classes; re-run fetch")
-    classes = list(train.classes)
-    device = default_device()
-    entries: list[ModelEntry] = []
-    summary: dict[str, Any] = {"pools": pools, "models": {}}
-    tracker.log_params({"finetune.pools": ",".join(pools), "finetune.num_classes": len(classes)})
-
-    def record(entry: ModelEntry, seconds: float, **facts: Any) -> None:
-        entry.extra.update({"train_seconds": round(seconds, 2), **facts})
-        entries.append(entry)
-        summary["models"][entry.id] = {"kind": entry.kind, "pool": entry.pool, **entry.extra}
-        if "val_accuracy" in facts:
-            tracker.log_metrics({f"val_accuracy/{entry.id}": facts["val_accuracy"]})
-
+    if list(train.classes or []) != list(val.classes or []) or not train.classes:
+        raise DataError("train and val must list the same task classes; re-run fetch")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    st = _Stage(
+        cfg,
+        out,
+        train,
+        val,
+        list(train.classes),
+        default_device(),
+        tracker or NullTracker(),
+        progress,
+    )
+    st.summary["pools"] = pools
+    st.tracker.log_params(
+        {"finetune.pools": ",".join(pools), "finetune.num_classes": len(st.classes)}
+    )
     for pool in pools:
-        pretrained = Path(cfg.pretrain_dir) / pool / PRETRAINED_FILE
-        t0 = time.perf_counter()
-        bundle = load_pretrained(pretrained, device)
-        zs = zeroshot_classifier(bundle, classes, cfg.templates, cfg.batch_size)
-        zs_file = f"zeroshot-{pool}.pt"
-        meta = _clip_meta(bundle, classes, "zeroshot", pool, templates=list(cfg.templates))
-        save_classifier(out / zs_file, zs, meta)
-        val_acc = accuracy_of(zs, val, cfg.batch_size, device)
-        record(ModelEntry(id=f"zeroshot-{pool}", kind="zeroshot", pool=pool, path=zs_file,
-                          extra={"pretrained": str(pretrained)}),
-               time.perf_counter() - t0, val_accuracy=val_acc)
-        # Linear probe and k-NN are cheap (one feature pass): do them for every pool, so the
-        # pools can be compared on them too.
-        t0 = time.perf_counter()
-        f_train = extract_features(zs.visual, train.images, cfg.batch_size, None, device)
-        f_val = extract_features(zs.visual, val.images, cfg.batch_size, None, device)
-        grid = [cfg.linear_weight_decay * 10.0**e for e in (-2, -1, 0, 1, 2)]
-        head, info = train_linear_probe(
-            f_train, train.labels, f_val, val.labels, num_classes=len(classes),
-            weight_decays=grid if cfg.linear_weight_decay > 0 else [0.0],
-            steps=cfg.linear_epochs, lr=cfg.linear_lr, seed=cfg.seed,
-        )
-        probe = ImageClassifier(copy.deepcopy(zs.visual), make_head(head.weight, head.bias), True)
-        lin_file = f"linear-{pool}.pt"
-        save_classifier(out / lin_file, probe, {**meta, "kind": "linear", **info})
-        lin_val = float((head(F.normalize(f_val, dim=-1)).argmax(1) == val.labels).float().mean())
-        record(ModelEntry(id=f"linear-{pool}", kind="linear", pool=pool, path=lin_file,
-                          extra={"weight_decay": info["weight_decay"]}),
-               time.perf_counter() - t0, val_accuracy=lin_val)
-        knn_file = f"knn-{pool}.pt"
-        knn_meta = {**meta, "kind": "knn", "k": cfg.knn_k, "temperature": KNN_TEMPERATURE,
-                    "visual_checkpoint": zs_file, "num_classes": len(classes)}
-        save_knn(out / knn_file, f_train, train.labels, knn_meta)
-        probs = knn_predict(f_train, train.labels, f_val, cfg.knn_k, len(classes))
-        knn_val = float((probs.argmax(1) == torch.as_tensor(val.labels)).float().mean())
-        record(ModelEntry(id=f"knn-{pool}", kind="knn", pool=pool, path=knn_file,
-                          extra={"k": cfg.knn_k}), 0.0, val_accuracy=knn_val)
+        zs, meta = _zeroshot(st, pool, Path(cfg.pretrain_dir) / pool / PRETRAINED_FILE)
+        # Linear probe and k-NN cost one feature pass: done for every pool, so that pools can
+        # be compared on them too; end-to-end fine-tuning only for the chosen pool.
+        _linear_and_knn(st, pool, zs, meta)
         if pool == cfg.pool:
-            for i, lr in enumerate(cfg.soup_lrs):
-                t0 = time.perf_counter()
-                clf = copy.deepcopy(zs)
-                finetune_end_to_end(
-                    clf, train, val, epochs=cfg.e2e_epochs, lr=lr, batch_size=cfg.e2e_batch_size,
-                    seed=cfg.seed + i, tracker=tracker, log_prefix=f"finetune/{pool}-{i}",
-                    progress=progress, device=device,
-                )
-                ft_file = f"finetuned-{pool}-{i}.pt"
-                save_classifier(out / ft_file, clf,
-                                {**meta, "kind": "finetuned", "lr": lr, "seed": cfg.seed + i})
-                record(ModelEntry(id=f"finetuned-{pool}-{i}", kind="finetuned", pool=pool,
-                                  path=ft_file, extra={"lr": lr, "seed": cfg.seed + i, "main": i == 0}),
-                       time.perf_counter() - t0, val_accuracy=accuracy_of(clf, val, cfg.batch_size, device))
-        del bundle
-
-    image_size = int(train.images.shape[-1])
-    for trained in train_baselines(cfg.baselines, train, val, image_size, cfg.seed, tracker, device=device):
-        path = f"{trained.id}.pt"
-        save_classifier(out / path, trained.clf, {**trained.meta, "classnames": classes})
-        record(ModelEntry(id=trained.id, kind="baseline", pool=None, path=path,
-                          extra=dict(trained.meta["spec"])),
-               trained.seconds, val_accuracy=trained.val_accuracy)
-
-    write_index(out, entries)
-    write_json_atomic(out / "finetune.json", summary)
-    tracker.log_dict(summary, "finetune.json")
-    return summary
+            _end_to_end(st, pool, zs, meta)
+    _baselines(st)
+    write_index(out, st.entries)
+    write_json_atomic(out / "finetune.json", st.summary)
+    st.tracker.log_dict(st.summary, "finetune.json")
+    return st.summary

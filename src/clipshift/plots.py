@@ -31,7 +31,7 @@ KIND_STYLE = {
     "finetuned": ("#d62728", "s"),
     "wiseft": ("#2ca02c", "o"),
     "soup": ("#9467bd", "D"),
-    "linear_probe": ("#ff7f0e", "^"),
+    "linear": ("#ff7f0e", "^"),
 }
 _EXTRA_COLOURS = ["#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#637939"]
 _POOL_LINESTYLES = ["-", "-.", ":", (0, (5, 2, 1, 2))]

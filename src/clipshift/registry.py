@@ -31,7 +31,7 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(..., pattern=r"^[A-Za-z0-9_.@+-]+$", description="Unique across all indices.")
+    id: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Unique across all indices.")
     kind: Kind
     pool: str | None = Field(None, description="Pretraining pool it derives from (None: baseline).")
     alpha: float | None = Field(None, description="WiSE-FT mixing weight (wiseft models only).")

@@ -34,7 +34,7 @@ def zeroshot_head(
     tokenizer,
     classnames: Sequence[str],
     templates: Sequence[str],
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     batch_size: int = 256,
 ) -> torch.Tensor:
     """Unit-norm class embeddings, shape ``[n_classes, embed_dim]`` (rows = classes).
@@ -43,6 +43,7 @@ def zeroshot_head(
     batches of ``batch_size`` texts.
     """
     prompts = fill_templates(classnames, templates)
+    device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     chunks = []

@@ -1,0 +1,403 @@
+"""Top-1 accuracy of every model on every evaluation set, retrieval recall@k, and the stage
+that turns them into the effective-robustness metrics and plots.
+
+Feature passes dominate the cost, and many models share a vision tower: the zero-shot
+classifier, the linear probe, the k-NN classifier and every linear-WiSE-FT mixture of a pool
+all use the same frozen pretrained tower. Models are therefore grouped by a fingerprint of
+their tower's weights (sha256 of the tensors), each group's features are computed once per
+dataset, and every head of the group is applied to them. Fingerprinting the bytes rather than
+trusting file names means a copy of a tower is always recognised, and a changed one never is.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipshift.classifier import (
+    ImageClassifier,
+    default_device,
+    extract_features,
+    load_classifier,
+    module_device,
+    predict_logits,
+    to_model_input,
+)
+from clipshift.config import EvaluateConfig
+from clipshift.errors import DataError
+from clipshift.finetune import find_pools, knn_predict, load_knn, load_pretrained
+from clipshift.io_utils import write_json_atomic
+from clipshift.registry import ModelEntry, read_indices
+from clipshift.tracking_api import NullTracker, Tracker
+
+ID_DATASET = "test"
+EVAL_ROLES = ("val", "test", "shift")
+
+
+# --------------------------------------------------------------------------------------------
+# accuracy
+
+
+def accuracy(
+    clf: ImageClassifier, data, batch_size: int = 256, device: str | torch.device | None = None
+) -> float:
+    """Top-1 accuracy (fraction) of ``clf`` on a LabelledData."""
+    logits = predict_logits(clf, data.images, batch_size, to_model_input, device)
+    return float((logits.argmax(dim=1) == torch.as_tensor(data.labels)).float().mean())
+
+
+def visual_fingerprint(visual: nn.Module) -> str:
+    """sha256 over the tower's state (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(visual.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass
+class _Scorer:
+    """One model reduced to 'raw tower features → class scores', plus where its tower is."""
+
+    entry: ModelEntry
+    fingerprint: str
+    tower_file: Path
+    score: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _classifier_scorer(entry: ModelEntry) -> tuple[_Scorer, ImageClassifier]:
+    clf, _ = load_classifier(entry.path)
+    head, prepare = clf.head, clf.prepare
+
+    def score(feats: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return head(prepare(feats))
+
+    return _Scorer(entry, visual_fingerprint(clf.visual), Path(entry.path), score), clf
+
+
+def _knn_scorer(entry: ModelEntry) -> tuple[_Scorer, ImageClassifier]:
+    state = load_knn(entry.path)
+    meta = state["meta"]
+    tower_file = Path(entry.path).parent / meta["visual_checkpoint"]
+    clf, _ = load_classifier(tower_file)
+    bank, labels = state["train_features"], state["train_labels"]
+    k, temperature, classes = int(meta["k"]), float(meta["temperature"]), int(meta["num_classes"])
+
+    def score(feats: torch.Tensor) -> torch.Tensor:
+        return knn_predict(bank, labels, feats, k, classes, temperature)
+
+    return _Scorer(entry, visual_fingerprint(clf.visual), tower_file, score), clf
+
+
+def _scorer(entry: ModelEntry) -> tuple[_Scorer, ImageClassifier]:
+    return _knn_scorer(entry) if entry.kind == "knn" else _classifier_scorer(entry)
+
+
+def evaluate_models(
+    entries: Sequence[ModelEntry],
+    datasets: Mapping[str, Any],
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    stats: dict[str, int] | None = None,
+) -> dict[str, dict[str, float]]:
+    """``{model_id: {dataset: top-1 accuracy}}`` for every entry on every dataset.
+
+    One feature pass per (distinct tower, dataset). Only one tower is held in memory at a
+    time: models are first reduced to their heads and grouped by tower fingerprint, then each
+    group's tower is loaded again for its feature passes. ``stats`` (if given) receives
+    ``feature_passes`` and ``towers``.
+    """
+    device = device or default_device()
+    groups: dict[str, list[_Scorer]] = {}
+    for entry in entries:
+        scorer, _ = _scorer(entry)  # the loaded tower is dropped here; only the head stays
+        groups.setdefault(scorer.fingerprint, []).append(scorer)
+    results: dict[str, dict[str, float]] = {e.id: {} for e in entries}
+    passes = 0
+    bar = _bar(len(groups) * len(datasets), progress)
+    for scorers in groups.values():
+        visual = load_classifier(scorers[0].tower_file)[0].visual.to(device)
+        for name, data in datasets.items():
+            # Heads are tiny: score on the CPU, where extract_features leaves the features.
+            feats = extract_features(visual, data.images, batch_size, None, device)
+            passes += 1
+            labels = torch.as_tensor(data.labels)
+            for s in scorers:
+                pred = s.score(feats).argmax(dim=1)
+                results[s.entry.id][name] = float((pred == labels).float().mean())
+            if bar is not None:
+                bar.update(1)
+        del visual
+    if bar is not None:
+        bar.close()
+    if stats is not None:
+        stats.update({"feature_passes": passes, "towers": len(groups)})
+    return results
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="evaluate", leave=False)
+
+
+# --------------------------------------------------------------------------------------------
+# retrieval
+
+
+def recall_at_k(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    positives: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Image→text and text→image recall@k for paired embeddings (row i ↔ row i).
+
+    ``positives[i, j]`` marks text j as a correct match for image i (default: the diagonal).
+    Marking identical captions as positives is fair when several images share a caption:
+    their text embeddings are identical, so which one ranks first is an arbitrary tie.
+    """
+    img = F.normalize(image_emb.float(), dim=-1)
+    txt = F.normalize(text_emb.float(), dim=-1)
+    sims = img @ txt.T
+    n = sims.shape[0]
+    pos = positives if positives is not None else torch.eye(n, dtype=torch.bool)
+    out = {}
+    for k in ks:
+        kk = min(int(k), n)
+        i2t = pos.gather(1, sims.topk(kk, dim=1).indices).any(dim=1)
+        t2i = pos.T.gather(1, sims.T.topk(kk, dim=1).indices).any(dim=1)
+        out[f"image_to_text@{k}"] = float(i2t.float().mean())
+        out[f"text_to_image@{k}"] = float(t2i.float().mean())
+    return out
+
+
+@torch.inference_mode()
+def retrieval_recall(
+    model: nn.Module,
+    tokenizer,
+    images: torch.Tensor,
+    captions: Sequence[str],
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Recall@k of a CLIP on image–caption pairs (uint8 images, one caption each)."""
+    if len(images) != len(captions):
+        raise DataError(f"{len(images)} images but {len(captions)} captions; pair them 1:1")
+    model.eval()
+    device = device or module_device(model)
+    size = model.visual.image_size[0] if hasattr(model.visual, "image_size") else None
+    img, txt = [], []
+    for start in range(0, len(images), batch_size):
+        batch = to_model_input(images[start : start + batch_size], size).to(device)
+        img.append(model.encode_image(batch).float().cpu())
+        tokens = tokenizer(list(captions[start : start + batch_size])).to(device)
+        txt.append(model.encode_text(tokens).float().cpu())
+    index = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    ids = torch.tensor([index[c] for c in captions])
+    return recall_at_k(torch.cat(img), torch.cat(txt), ks, ids[:, None] == ids[None, :])
+
+
+def load_captioned(dataset_dir: str | Path, exclude: set[str] | None = None):
+    """(uint8 images, captions) of an image–caption dataset such as ``retrieval``."""
+    from clipshift.data.loaders import image_to_uint8
+    from clipshift.data.shards import iter_dataset, load_info
+
+    size = load_info(dataset_dir).image_size
+    images, captions = [], []
+    for sample in iter_dataset(dataset_dir):
+        if sample["__key__"] in (exclude or set()) or not sample.get("txt"):
+            continue
+        size = size or sample["image"].size[0]
+        images.append(image_to_uint8(sample["image"], size))
+        captions.append(sample["txt"])
+    if not images:
+        raise DataError(f"'{dataset_dir}' has no image–caption pairs; re-run fetch")
+    return torch.stack(images), captions
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+
+def eval_dataset_names(data_dir: str | Path) -> dict[str, str]:
+    """``{name: role}`` of the labelled evaluation sets (val, test, shifts) in ``data_dir``."""
+    from clipshift.data.shards import load_info
+
+    found = {}
+    for info_file in sorted(Path(data_dir).glob("*/dataset.json")):
+        info = load_info(info_file.parent)
+        if info.role in EVAL_ROLES:
+            found[info_file.parent.name] = info.role
+    return found
+
+
+def _records(entries: Sequence[ModelEntry], acc: Mapping[str, Mapping[str, float]]) -> dict:
+    return {
+        e.id: {"kind": e.kind, "pool": e.pool, "alpha": e.alpha, "accuracy": dict(acc[e.id])}
+        for e in entries
+    }
+
+
+def _plot_view(summary: dict, variants: Mapping[str, str]) -> dict:
+    """A copy for plotting where each WiSE-FT variant is its own curve (pool 'p/linear')."""
+    models = {}
+    for mid, rec in summary["models"].items():
+        variant = variants.get(mid)
+        if variant and variant != "end-to-end":
+            rec = {**rec, "pool": f"{rec.get('pool')}/{variant}"}
+        models[mid] = rec
+    return {**summary, "models": models}
+
+
+def write_table(
+    path: str | Path, summary: Mapping[str, Any], datasets: Sequence[str], shifts: Sequence[str]
+) -> Path:
+    """One row per model (the DVC plots table)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = [
+        "model",
+        "kind",
+        "pool",
+        "alpha",
+        "variant",
+        "id_accuracy",
+        "ood_accuracy_avg",
+        "effective_robustness_avg",
+        *[f"acc_{d}" for d in datasets],
+        *[f"er_{s}" for s in shifts],
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for mid, rec in sorted(summary["models"].items()):
+            row = {k: rec.get(k) for k in fields}
+            row["model"] = mid
+            row.update({f"acc_{d}": rec["accuracy"].get(d) for d in datasets})
+            row.update({f"er_{s}": rec["effective_robustness"].get(s) for s in shifts})
+            writer.writerow(row)
+    tmp.replace(path)
+    return path
+
+
+def run_retrieval(cfg: EvaluateConfig, device: torch.device) -> dict[str, dict[str, float]]:
+    """Recall@k of every pretrained CLIP (``<models_dir>/pretrain/<pool>``) on ``retrieval``."""
+    from clipshift.data.loaders import read_exclude
+
+    data = Path(cfg.data_dir) / "retrieval"
+    pretrain = Path(cfg.models_dir) / "pretrain"
+    pools = find_pools(pretrain)
+    if not (data / "dataset.json").exists() or not pools:
+        return {}
+    images, captions = load_captioned(data, read_exclude(cfg.validate_dir, "retrieval"))
+    out = {}
+    for pool in pools:
+        bundle = load_pretrained(pretrain / pool / "checkpoint.pt", device)
+        out[pool] = retrieval_recall(
+            bundle.model,
+            bundle.tokenizer,
+            images,
+            captions,
+            cfg.retrieval_ks,
+            cfg.batch_size,
+            device,
+        )
+    return out
+
+
+def run_evaluate(
+    cfg: EvaluateConfig, tracker: Tracker | None = None, progress: bool = True
+) -> dict:
+    """The evaluate stage: accuracies → robustness summary (+ retrieval) → metrics, table, plots."""
+    from clipshift import plots, robustness
+    from clipshift.data.loaders import load_labelled, read_exclude
+
+    tracker = tracker or NullTracker()
+    device = default_device()
+    t0 = time.perf_counter()
+    roles = eval_dataset_names(cfg.data_dir)
+    if ID_DATASET not in roles:
+        raise DataError(f"no '{ID_DATASET}' dataset in {cfg.data_dir}; run `dvc repro fetch`")
+    shifts = sorted(n for n, r in roles.items() if r == "shift")
+    datasets = {
+        name: load_labelled(Path(cfg.data_dir) / name, read_exclude(cfg.validate_dir, name))
+        for name in roles
+    }
+    entries = read_indices(cfg.models_dir)
+    if not entries:
+        raise DataError(f"no models indexed under {cfg.models_dir}/*/index.json; run finetune")
+    stats: dict[str, int] = {}
+    acc = evaluate_models(entries, datasets, cfg.batch_size, device, progress, stats)
+    baseline_ids = [e.id for e in entries if e.kind == "baseline"]
+    external = (
+        robustness.load_external_baselines(cfg.external_baselines, shifts)
+        if cfg.external_baselines
+        else None
+    )
+    summary = robustness.summarise(
+        _records(entries, acc),
+        ID_DATASET,
+        shifts,
+        baseline_ids,
+        cfg.transform,
+        external,
+        cfg.external_mode,
+    )
+    variants = {e.id: e.extra["variant"] for e in entries if "variant" in e.extra}
+    for mid, variant in variants.items():
+        summary["models"][mid]["variant"] = variant
+    summary["retrieval"] = run_retrieval(cfg, device)
+    summary["id_dataset"], summary["shifts"] = ID_DATASET, shifts
+    summary["num_examples"] = {name: len(d.labels) for name, d in datasets.items()}
+    summary["selected"] = {
+        f"wiseft_{e.extra.get('variant', 'end-to-end')}": e.id
+        for e in entries
+        if e.extra.get("chosen")
+    }
+    summary["evaluate_seconds"] = round(time.perf_counter() - t0, 2)
+    summary["feature_passes"] = stats.get("feature_passes", 0)
+
+    write_json_atomic(cfg.metrics_path, summary)
+    plots_dir = Path(cfg.plots_dir)
+    write_table(plots_dir / "table.csv", summary, list(datasets), shifts)
+    for stale in plots_dir.glob("effective_robustness_*.png"):  # shifts removed since last run
+        stale.unlink()
+    view = _plot_view(summary, variants)
+    for shift in [*shifts, "avg"]:
+        path = plots_dir / f"effective_robustness_{shift}.png"
+        plots.plot_effective_robustness(view, shift, path, cfg.transform)
+    _log_metrics(tracker, summary)  # the flow logs the metrics file and plots as artifacts
+    return summary
+
+
+def _log_metrics(tracker: Tracker, summary: Mapping[str, Any]) -> None:
+    metrics: dict[str, float] = {}
+    for mid, rec in summary["models"].items():
+        if mid.startswith("external/"):
+            continue
+        metrics[f"id_accuracy/{mid}"] = rec["id_accuracy"]
+        metrics[f"ood_accuracy_avg/{mid}"] = rec["ood_accuracy_avg"]
+        metrics[f"effective_robustness_avg/{mid}"] = rec["effective_robustness_avg"]
+    for pool, rec in summary.get("retrieval", {}).items():
+        metrics.update({f"retrieval/{pool}/{k.replace('@', '_at_')}": v for k, v in rec.items()})
+    fit = summary["baseline_fit"].get("avg")
+    if fit:
+        metrics.update({"baseline_fit/avg/slope": fit["slope"], "baseline_fit/avg/r2": fit["r2"]})
+    tracker.log_metrics(metrics)
