@@ -6,9 +6,33 @@ from pathlib import Path
 
 from prefect import flow
 
+from clipshift import tracking
 from clipshift.config import EvaluateConfig
 from clipshift.evaluate import run_evaluate
+from clipshift.registry import read_indices
 from flows._common import report_table, tracked_stage
+
+
+def register_champion(
+    tracker: tracking.MlflowTracker, summary: dict, config: EvaluateConfig
+) -> None:
+    """Register the WiSE-FT model chosen on val as `<registered_model>@champion`."""
+    chosen = summary.get("selected", {}).get("wiseft_end-to-end")
+    if not config.register_model or chosen is None:
+        return
+    entry = next(e for e in read_indices(config.models_dir) if e.id == chosen)
+    record = summary["models"][chosen]
+    version = tracking.register_classifier(
+        tracker,
+        entry.path,
+        config.registered_model,
+        tags={
+            "model_id": chosen,
+            "alpha": str(entry.alpha),
+            "id_accuracy": str(record["id_accuracy"]),
+        },
+    )
+    print(f"registered {chosen} as {config.registered_model} v{version} @champion")
 
 
 @flow(name="evaluate", log_prints=True)
@@ -16,6 +40,7 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig()) -> dict:
     """Evaluate every model and fit the effective-robustness baseline per shift."""
     with tracked_stage("evaluate", config) as tracker:
         summary = run_evaluate(config, tracker=tracker)
+        register_champion(tracker, summary, config)
         tracker.log_artifact(config.metrics_path, "metrics")
         if Path(config.plots_dir).exists():
             tracker.log_artifact(config.plots_dir, "plots")

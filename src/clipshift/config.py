@@ -413,6 +413,11 @@ class EvaluateConfig(StrictModel):
     batch_size: int = Field(256, ge=1, le=65536)
     workers: int = Field(1, ge=0, le=64)
     register_model: bool = Field(True, description="Register the chosen WiSE-FT model in MLflow.")
+    registered_model: str = Field(
+        "clipshift-emoji",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="MLflow registry name (clipshift-<task>); the chosen model gets @champion.",
+    )
 
     _external_exists = field_validator("external_baselines")(check_existing_path)
 

@@ -377,11 +377,12 @@ def run_evaluate(
     write_json_atomic(cfg.metrics_path, summary)
     plots_dir = Path(cfg.plots_dir)
     write_table(plots_dir / "table.csv", summary, list(datasets), shifts)
-    for stale in plots_dir.glob("effective_robustness_*.png"):  # shifts removed since last run
+    scatter_dir = plots_dir / "scatter"  # a DVC image-plots directory, apart from table.csv
+    for stale in scatter_dir.glob("effective_robustness_*.png"):  # shifts removed since last run
         stale.unlink()
     view = _plot_view(summary, variants)
     for shift in [*shifts, "avg"]:
-        path = plots_dir / f"effective_robustness_{shift}.png"
+        path = scatter_dir / f"effective_robustness_{shift}.png"
         plots.plot_effective_robustness(view, shift, path, cfg.transform)
     _log_metrics(tracker, summary)  # the flow logs the metrics file and plots as artifacts
     return summary

@@ -46,7 +46,8 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         self.clf, self.meta = load_classifier(context.artifacts["classifier"])
         self.classes = list(self.meta.get("classnames") or self.meta.get("classes") or [])
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> pd.DataFrame:
+    # No type hints here on purpose: MLflow would read them as an (unsupported) input schema.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001
         from clipshift.classifier import config_image_size, predict_logits
 
         size = config_image_size(self.meta["model_config"])
