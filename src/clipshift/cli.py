@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--pool", help="pretrain on this pool only (one of pretrain.pools)")
     sub.add_parser("pipeline", help="run every stage in order as one Prefect flow")
     sub.add_parser("check-params", help="validate params.yaml and print the resolved config")
+    deploy = sub.add_parser("deploy", help="create Prefect deployments for every flow")
+    deploy.add_argument("--pool", default="clipshift-local", help="work pool (default: %(default)s)")
+    deploy.add_argument("--only", help="comma-separated flow names (default: all)")
     return parser
 
 
@@ -78,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             from clipshift.config import load_params
 
             print(load_params(args.params).model_dump_json(indent=2, by_alias=True))
+            return 0
+        if args.command == "deploy":
+            from clipshift.deploy import deploy_all
+
+            only = args.only.split(",") if args.only else None
+            result = deploy_all(work_pool=args.pool, only=only, params_path=args.params)
+            print(f"deployed {len(result.deployed)} deployment(s) on work pool {args.pool}")
             return 0
         run_stage(args.command, args.params, getattr(args, "pool", None))
     except ClipshiftError as err:
