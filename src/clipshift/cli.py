@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("pipeline", help="run every stage in order as one Prefect flow")
     sub.add_parser("check-params", help="validate params.yaml and print the resolved config")
     deploy = sub.add_parser("deploy", help="create Prefect deployments for every flow")
-    deploy.add_argument("--pool", default="clipshift-local", help="work pool (default: %(default)s)")
+    deploy.add_argument(
+        "--pool", default="clipshift-local", help="work pool (default: %(default)s)"
+    )
     deploy.add_argument("--only", help="comma-separated flow names (default: all)")
     return parser
 

@@ -44,8 +44,10 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' was asked for but no GPU is visible; set device: "
-                              "cpu (or auto) in params.yaml, or run on a GPU machine")
+            raise ConfigError(
+                "device 'cuda' was asked for but no GPU is visible; set device: "
+                "cpu (or auto) in params.yaml, or run on a GPU machine"
+            )
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(device)
 

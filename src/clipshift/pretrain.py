@@ -12,8 +12,9 @@ Outputs, in ``<out_dir>/<pool>/``:
 Reproducibility: the data order is a pure function of (seed, step) — each epoch is a seeded
 permutation of the pool and each step's crops come from a (seed, step) generator — so a run
 killed at any point and resumed reaches bitwise the same weights on CPU as an uninterrupted
-run. That holds for the in-memory loader (the default for pools that fit in RAM). The
-streaming loader (large pools) resumes by replaying and discarding the consumed micro-batches
+run (with the same number of CPU threads: a resumed run keeps the interrupted run's count).
+That holds for the in-memory loader (the default for pools that fit in RAM). The streaming
+loader (large pools) resumes by replaying and discarding the consumed micro-batches
 of a deterministic stream: identical when the number of ranks and data workers is unchanged.
 
 The global batch is ``batch_size`` whatever the number of ranks and accumulation steps: each
@@ -29,6 +30,7 @@ import argparse
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,7 +67,7 @@ KEEP_RESUME = 3  # resume checkpoints kept while training (rollback targets); 1 
 MEMORY_LIMIT_BYTES = 2 << 30  # loader 'auto' decodes pools into RAM below this size
 # Settings that change the data order or the model: a resume checkpoint written with other
 # values cannot continue this run.
-RESUME_MUST_MATCH = ("model", "init_checkpoint", "batch_size", "seed", "weight_decay")
+RESUME_MUST_MATCH = ("model", "init_checkpoint", "batch_size", "seed")
 
 
 @dataclass
@@ -98,12 +100,15 @@ def build_model(cfg: PretrainConfig, device: torch.device) -> ClipBundle:
     if cfg.init_checkpoint is None:
         return _to(create_clip(cfg.model), device)
     if "://" in cfg.init_checkpoint:
-        raise ConfigError(f"init_checkpoint '{cfg.init_checkpoint}' is remote; download it first "
-                          "(e.g. `aws s3 cp`) and give the local path")
+        raise ConfigError(
+            f"init_checkpoint '{cfg.init_checkpoint}' is remote; download it first "
+            "(e.g. `aws s3 cp`) and give the local path"
+        )
     state = load_checkpoint(cfg.init_checkpoint)  # verifies the checksum and refuses pickles
     if "name" in state and "model_config" in state:  # written by clipshift: carries its arch
-        bundle = create_clip(state["name"], pretrained=cfg.init_checkpoint,
-                             config=state["model_config"])
+        bundle = create_clip(
+            state["name"], pretrained=cfg.init_checkpoint, config=state["model_config"]
+        )
     else:
         bundle = create_clip(cfg.model, pretrained=cfg.init_checkpoint)
     return _to(bundle, device)
@@ -123,8 +128,10 @@ def check_batching(cfg: PretrainConfig, world_size: int) -> int:
             f"ranks ({world_size}) equal micro-batches; use a batch_size divisible by {parts}"
         )
     if cfg.samples < cfg.batch_size:
-        raise ConfigError(f"samples ({cfg.samples}) is smaller than one batch ({cfg.batch_size}); "
-                          "raise pretrain.samples or lower batch_size")
+        raise ConfigError(
+            f"samples ({cfg.samples}) is smaller than one batch ({cfg.batch_size}); "
+            "raise pretrain.samples or lower batch_size"
+        )
     return cfg.batch_size // parts
 
 
@@ -138,8 +145,9 @@ def choose_loader(cfg: PretrainConfig, pool_dir: Path, image_size: int) -> str:
 class MemoryBatches:
     """Micro-batches of a decoded pool: global batch ``step`` from (seed, step) alone."""
 
-    def __init__(self, data: loaders.PoolTensors, cfg: PretrainConfig, dist: D.DistInfo,
-                 image_size: int) -> None:
+    def __init__(
+        self, data: loaders.PoolTensors, cfg: PretrainConfig, dist: D.DistInfo, image_size: int
+    ) -> None:
         self.data, self.cfg, self.dist, self.size = data, cfg, dist, image_size
 
     def seek(self, step: int) -> None:
@@ -154,8 +162,8 @@ class MemoryBatches:
         out = []
         for j in range(cfg.accum_steps):
             lo = j * micro + self.dist.rank * local
-            rows = index[lo:lo + local]
-            images = loaders.augment(self.data.images[rows], theta[lo:lo + local], self.size)
+            rows = index[lo : lo + local]
+            images = loaders.augment(self.data.images[rows], theta[lo : lo + local], self.size)
             out.append((images, self.data.tokens[rows]))
         return out
 
@@ -163,8 +171,15 @@ class MemoryBatches:
 class StreamBatches:
     """Micro-batches streamed from shards by webdataset workers (pools too big for RAM)."""
 
-    def __init__(self, pool_dir: Path, tokenizer: Any, cfg: PretrainConfig, dist: D.DistInfo,
-                 image_size: int, micro: int) -> None:
+    def __init__(
+        self,
+        pool_dir: Path,
+        tokenizer: Any,
+        cfg: PretrainConfig,
+        dist: D.DistInfo,
+        image_size: int,
+        micro: int,
+    ) -> None:
         self.args = (pool_dir, tokenizer, image_size, micro)
         self.cfg, self.dist = cfg, dist
         self.iterator: Any = None
@@ -172,9 +187,15 @@ class StreamBatches:
     def seek(self, step: int) -> None:
         """Restart the deterministic stream and discard what steps < ``step`` consumed."""
         pool_dir, tokenizer, image_size, micro = self.args
-        loader = loaders.pool_loader(pool_dir, tokenizer, image_size, batch_size=micro,
-                                     seed=self.cfg.seed, workers=self.cfg.workers,
-                                     rank=self.dist.rank)
+        loader = loaders.pool_loader(
+            pool_dir,
+            tokenizer,
+            image_size,
+            batch_size=micro,
+            seed=self.cfg.seed,
+            workers=self.cfg.workers,
+            rank=self.dist.rank,
+        )
         self.iterator = iter(loader)
         for _ in range(step * self.cfg.accum_steps):
             next(self.iterator)
@@ -188,10 +209,17 @@ class StreamBatches:
 
 
 class Pretrainer:
-    def __init__(self, cfg: PretrainConfig, pool: str, tracker: Tracker, progress: bool,
-                 hooks: TrainHooks | None) -> None:
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        pool: str,
+        tracker: Tracker,
+        progress: bool,
+        hooks: TrainHooks | None,
+    ) -> None:
         self.cfg, self.pool, self.tracker, self.hooks = cfg, pool, tracker, hooks or TrainHooks()
         self.progress = progress
+        load_info(pool_path(cfg, pool))  # fail fast, naming the fix, if fetch has not run
         self.dist = D.init_distributed(cfg.device)
         self.device = self.dist.device
         T.check_precision(cfg.precision, self.device)
@@ -200,13 +228,23 @@ class Pretrainer:
         self.out = run_path(cfg, pool)
         self.bundle = build_model(cfg, self.device)
         self.raw = self.bundle.model
-        self.optimizer = T.build_optimizer(self.raw, cfg.lr, cfg.weight_decay, cfg.beta1,
-                                           cfg.beta2, cfg.eps)
+        self.optimizer = T.build_optimizer(
+            self.raw, cfg.lr, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps
+        )
         self.scaler = T.make_scaler(cfg.precision, self.device)
-        self.loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
-                                cache_labels=True, rank=self.dist.rank,
-                                world_size=self.dist.world_size)
+        self.loss_fn = ClipLoss(
+            local_loss=cfg.local_loss,
+            gather_with_grad=cfg.gather_with_grad,
+            cache_labels=True,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
         self.guard = T.SpikeGuard(factor=cfg.spike_factor)
+        if self.dist.distributed and cfg.local_loss and not cfg.gather_with_grad:
+            log.warning(
+                "local_loss without gather_with_grad drops the gradient through other "
+                "ranks' rows of the batch; set gather_with_grad: true for exact DDP"
+            )
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.train_time = 0.0
@@ -217,7 +255,6 @@ class Pretrainer:
 
     def open_data(self) -> MemoryBatches | StreamBatches:
         pool_dir = pool_path(self.cfg, self.pool)
-        load_info(pool_dir)  # a clear error if fetch has not run
         size = self.bundle.image_size
         self.loader_kind = choose_loader(self.cfg, pool_dir, size)
         if self.loader_kind == "memory":
@@ -225,8 +262,7 @@ class Pretrainer:
             self.pool_samples = len(data)
             return MemoryBatches(data, self.cfg, self.dist, size)
         self.pool_samples = load_info(pool_dir).num_samples
-        return StreamBatches(pool_dir, self.bundle.tokenizer, self.cfg, self.dist, size,
-                             self.micro)
+        return StreamBatches(pool_dir, self.bundle.tokenizer, self.cfg, self.dist, size, self.micro)
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -247,6 +283,7 @@ class Pretrainer:
             "pool": self.pool,
             "model_name": self.bundle.name,
             "model_config": self.bundle.config,
+            "threads": torch.get_num_threads(),
         }
 
     def load_state(self, state: dict[str, Any], rollback: bool = False) -> None:
@@ -274,9 +311,12 @@ class Pretrainer:
                 f"restore those settings, or delete {path.parent} to start from scratch"
             )
         if saved.get("samples") != now["samples"]:
-            log.warning("resuming with samples=%s (was %s): the LR schedule is recomputed for "
-                        "the new length, so this run differs from a fresh one", now["samples"],
-                        saved.get("samples"))
+            log.warning(
+                "resuming with samples=%s (was %s): the LR schedule is recomputed for "
+                "the new length, so this run differs from a fresh one",
+                now["samples"],
+                saved.get("samples"),
+            )
 
     def latest_resume(self) -> Path | None:
         path = latest_checkpoint(self.out / RESUME_DIR) if self.dist.is_main else None
@@ -286,11 +326,22 @@ class Pretrainer:
         path = self.latest_resume()
         if path is None:
             return
-        state = load_checkpoint(path, map_location=self.device)
+        state = load_checkpoint(path)  # on CPU: RNG states must stay CPU tensors
         self.check_compatible(state, path)
         self.load_state(state)
+        self.match_threads(int(state.get("threads", torch.get_num_threads())))
         log.info("resumed %s at step %d from %s", self.pool, self.step, path)
         self.tracker.set_tags({"clipshift.resumed_from": str(path)})
+
+    def match_threads(self, saved: int) -> None:
+        """CPU results depend on the thread count (reduction order): keep the interrupted
+        run's count so the resumed run stays bitwise identical, unless OMP_NUM_THREADS says."""
+        if self.device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+            return
+        threads = min(saved, T.available_cpus())
+        if threads != torch.get_num_threads():
+            log.info("resuming with %d CPU threads, as the interrupted run", threads)
+            torch.set_num_threads(threads)
 
     def healthy(self) -> bool:
         """Only a state the guard trusts becomes a rollback target."""
@@ -300,8 +351,9 @@ class Pretrainer:
 
     def save_resume(self, periodic: bool = False) -> None:
         if periodic and not self.healthy():
-            log.warning("not checkpointing step %d: the last steps were skipped as non-finite",
-                        self.step)
+            log.warning(
+                "not checkpointing step %d: the last steps were skipped as non-finite", self.step
+            )
             return
         if self.dist.is_main:
             save_checkpoint(resume_path(self.cfg, self.pool, self.step), self.state())
@@ -309,6 +361,8 @@ class Pretrainer:
         D.barrier()  # other ranks may roll back to this file
 
     def prune(self, keep: int) -> None:
+        for leftover in (self.out / RESUME_DIR).glob("*.tmp"):  # from a kill mid-write
+            leftover.unlink(missing_ok=True)
         for old in list_checkpoints(self.out / RESUME_DIR)[keep:]:
             old.unlink(missing_ok=True)
             sidecar_path(old).unlink(missing_ok=True)
@@ -317,15 +371,17 @@ class Pretrainer:
         if self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(
-                self.raw, device_ids=ids, broadcast_buffers=False)
+                self.raw, device_ids=ids, broadcast_buffers=False
+            )
 
     # ---- one optimizer step --------------------------------------------------------------
 
     def loss_weight(self) -> float:
         # Without gather_with_grad, each rank back-propagates only through its own rows of the
-        # full-batch loss and DDP then averages: the gradient would be 1/world of the
-        # single-process one. Scaling by world restores it exactly (local_loss without
-        # gather_with_grad stays open_clip's approximation).
+        # full-batch loss and DDP then averages: feature gradients would be 1/world of the
+        # single-process ones. Scaling the loss by world restores them exactly; logit_scale,
+        # which every rank sees whole, gets its gradient scaled back (see forward_backward).
+        # local_loss without gather_with_grad stays open_clip's approximation (warned).
         plain = not self.cfg.gather_with_grad and not self.cfg.local_loss
         return float(self.dist.world_size) if plain else 1.0
 
@@ -347,12 +403,15 @@ class Pretrainer:
                 with amp:
                     image_f, text_f, scale = self.model(images, tokens)
                     if cached:
-                        image_f = torch.cat([c[0] for c in cached[:j]] + [image_f]
-                                            + [c[0] for c in cached[j + 1:]])
-                        text_f = torch.cat([c[1] for c in cached[:j]] + [text_f]
-                                           + [c[1] for c in cached[j + 1:]])
+                        image_f = torch.cat(
+                            [c[0] for c in cached[:j]] + [image_f] + [c[0] for c in cached[j + 1 :]]
+                        )
+                        text_f = torch.cat(
+                            [c[1] for c in cached[:j]] + [text_f] + [c[1] for c in cached[j + 1 :]]
+                        )
                     # logit_scale's gradient is taken once (in the last pass), not per pass
-                    loss = self.loss_fn(image_f, text_f, scale if last else scale.detach())
+                    scale = scale_grad(scale, 1.0 / weight) if last else scale.detach()
+                    loss = self.loss_fn(image_f, text_f, scale)
                 if self.hooks.transform_loss is not None:
                     loss = self.hooks.transform_loss(self.step, loss)
                 self.scaler.scale(loss * weight).backward()
@@ -361,7 +420,9 @@ class Pretrainer:
     def optimizer_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """One global step; returns its numbers, or raises TrainingDiverged."""
         cfg = self.cfg
-        lr = T.cosine_lr(self.step, cfg.lr, cfg.warmup_steps, self.total_steps) * self.guard.lr_scale
+        lr = (
+            T.cosine_lr(self.step, cfg.lr, cfg.warmup_steps, self.total_steps) * self.guard.lr_scale
+        )
         T.set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_backward(micro)
@@ -384,15 +445,27 @@ class Pretrainer:
     # ---- guard actions -------------------------------------------------------------------
 
     def event(self, kind: str, numbers: dict[str, Any]) -> None:
-        record = {"step": self.step, "event": kind, "loss": numbers["loss"],
-                  "grad_norm": numbers["grad_norm"], "median": self.guard.median()}
+        record = {
+            "step": self.step,
+            "event": kind,
+            "loss": numbers["loss"],
+            "grad_norm": numbers["grad_norm"],
+            "median": self.guard.median(),
+        }
         self.guard.events.append(record)
-        log.warning("pretrain %s: %s at step %d (loss %.4g, grad norm %.4g, running median "
-                    "%.4g)", self.pool, kind, self.step, numbers["loss"], numbers["grad_norm"],
-                    record["median"])
+        log.warning(
+            "pretrain %s: %s at step %d (loss %.4g, grad norm %.4g, running median %.4g)",
+            self.pool,
+            kind,
+            self.step,
+            numbers["loss"],
+            numbers["grad_norm"],
+            record["median"],
+        )
         if self.dist.is_main:
-            self.tracker.log_metrics({f"guard_{kind}": 1.0, "guard_lr_scale": self.guard.lr_scale},
-                                     step=self.step)
+            self.tracker.log_metrics(
+                {f"guard_{kind}": 1.0, "guard_lr_scale": self.guard.lr_scale}, step=self.step
+            )
 
     def rollback(self, numbers: dict[str, Any]) -> None:
         self.guard.rollbacks += 1
@@ -403,14 +476,17 @@ class Pretrainer:
                 f"{numbers['loss']:.4g}, running median {self.guard.median():.4g}) after "
                 f"{self.cfg.max_rollbacks} rollbacks; lower pretrain.lr, raise warmup_steps or "
                 "grad clipping, or check the pool for broken samples, then re-run (it resumes "
-                "from the last good checkpoint)")
+                "from the last good checkpoint)"
+            )
         self.guard.lr_scale *= 0.5
         self.event("rollback", numbers)
         path = self.latest_resume()
         if path is None:
-            raise CheckpointError(f"no valid resume checkpoint in {self.out / RESUME_DIR} to roll "
-                                  "back to; delete the folder and re-run")
-        self.load_state(load_checkpoint(path, map_location=self.device), rollback=True)
+            raise CheckpointError(
+                f"no valid resume checkpoint in {self.out / RESUME_DIR} to roll "
+                "back to; delete the folder and re-run"
+            )
+        self.load_state(load_checkpoint(path), rollback=True)
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -435,14 +511,20 @@ class Pretrainer:
         self.history.append(record)
         self.interval = {"sum": 0.0, "count": 0}
         if self.dist.is_main:
-            self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"},
-                                     step=self.step)
+            self.tracker.log_metrics(
+                {k: v for k, v in record.items() if k != "step"}, step=self.step
+            )
 
     def train(self, data: MemoryBatches | StreamBatches) -> None:
         cfg = self.cfg
         data.seek(self.step)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"pretrain {self.pool}",
-                   disable=not (self.progress and self.dist.is_main), dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"pretrain {self.pool}",
+            disable=not (self.progress and self.dist.is_main),
+            dynamic_ncols=True,
+        )
         self.raw.train()
         tick, interval_samples = time.perf_counter(), 0
         while self.step < self.total_steps:
@@ -453,6 +535,7 @@ class Pretrainer:
                 self.rollback(numbers)
                 data.seek(self.step)
                 bar.n = self.step
+                bar.refresh()
                 tick, interval_samples = time.perf_counter(), 0
                 continue
             if numbers["decision"] == "skip":
@@ -506,10 +589,15 @@ class Pretrainer:
         return metrics
 
     def write_outputs(self, metrics: dict[str, Any]) -> None:
-        extra = {"step": self.step, "samples_seen": metrics["samples"], "pool": self.pool,
-                 "pretrain_config": self.cfg.model_dump(mode="json")}
-        save_open_clip_checkpoint(self.out / "checkpoint.pt", self.raw, self.bundle.name,
-                                  self.bundle.config, extra)
+        extra = {
+            "step": self.step,
+            "samples_seen": metrics["samples"],
+            "pool": self.pool,
+            "pretrain_config": self.cfg.model_dump(mode="json"),
+        }
+        save_open_clip_checkpoint(
+            self.out / "checkpoint.pt", self.raw, self.bundle.name, self.bundle.config, extra
+        )
         write_json_atomic(self.out / "metrics.json", metrics)
         write_json_atomic(self.out / "history.json", self.history)
         self.prune(1)  # the final resume state is enough to extend the run later
@@ -525,6 +613,23 @@ class Pretrainer:
         return self.finish(time.perf_counter() - wall_start)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``factor`` on the way back."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return x if factor == 1.0 else _ScaleGrad.apply(x, factor)
+
+
 def flops_metrics(model_config: dict[str, Any], samples: int) -> dict[str, float]:
     try:
         from clipshift import flops
@@ -538,8 +643,13 @@ def flops_metrics(model_config: dict[str, Any], samples: int) -> dict[str, float
     return {"flops_per_sample": per_sample, "train_flops": 3.0 * per_sample * samples}
 
 
-def run_pretrain(cfg: PretrainConfig, pool: str, tracker: Tracker | None = None,
-                 progress: bool = True, hooks: TrainHooks | None = None) -> dict[str, Any]:
+def run_pretrain(
+    cfg: PretrainConfig,
+    pool: str,
+    tracker: Tracker | None = None,
+    progress: bool = True,
+    hooks: TrainHooks | None = None,
+) -> dict[str, Any]:
     """Pretrain ``cfg.model`` on ``<cfg.data_dir>/pool-<pool>``; resume if a run was cut off.
 
     Works in one process and under ``torchrun`` (every rank calls it; only rank 0 logs and
@@ -561,8 +671,17 @@ def run_pretrain(cfg: PretrainConfig, pool: str, tracker: Tracker | None = None,
 
 def torchrun_command(cfg: PretrainConfig, config_json: str | Path, pool: str) -> list[str]:
     """The launcher line for ``cfg.nproc_per_node`` × ``cfg.nnodes`` processes."""
-    return ["torchrun", f"--nproc_per_node={cfg.nproc_per_node}", f"--nnodes={cfg.nnodes}",
-            "-m", "clipshift.pretrain", "--config-json", str(config_json), "--pool", pool]
+    return [
+        "torchrun",
+        f"--nproc_per_node={cfg.nproc_per_node}",
+        f"--nnodes={cfg.nnodes}",
+        "-m",
+        "clipshift.pretrain",
+        "--config-json",
+        str(config_json),
+        "--pool",
+        pool,
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

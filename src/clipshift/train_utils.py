@@ -42,12 +42,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta1: float,
-                    beta2: float, eps: float) -> torch.optim.AdamW:
-    # foreach=False: the per-tensor loop is as fast on small CPU models and is the
-    # reference implementation, so single- and multi-process runs use the same arithmetic.
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(beta1, beta2),
-                             eps=eps, foreach=False)
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, beta1: float, beta2: float, eps: float
+) -> torch.optim.AdamW:
+    # The fused kernel is ~8x faster than the per-tensor loop on CPU (the dense gradient of the
+    # 49k-row token embedding makes the update a large share of a small model's step) and is
+    # deterministic; fall back to foreach where fused is unavailable (e.g. fp16 parameters).
+    groups = param_groups(model, weight_decay)
+    kwargs = dict(lr=lr, betas=(beta1, beta2), eps=eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(param_groups(model, weight_decay), foreach=True, **kwargs)
 
 
 def cosine_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -71,11 +77,12 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def check_precision(precision: str, device: torch.device) -> None:
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         name = torch.cuda.get_device_name(device)
-        raise ConfigError(f"precision 'bf16' is not supported on {name}; set precision: fp16 "
-                          "(mixed precision with loss scaling) or fp32 in params.yaml")
+        raise ConfigError(
+            f"precision 'bf16' is not supported on {name}; set precision: fp16 "
+            "(mixed precision with loss scaling) or fp32 in params.yaml"
+        )
     if precision == "bf16" and device.type not in ("cuda", "cpu"):
-        raise ConfigError(f"precision 'bf16' is not supported on device '{device.type}'; "
-                          "use fp32")
+        raise ConfigError(f"precision 'bf16' is not supported on device '{device.type}'; use fp32")
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -94,7 +101,7 @@ def grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float | None) 
     """Global L2 norm of the gradients; clips them to ``max_norm`` when given."""
     params = [p for p in parameters if p.grad is not None]
     limit = max_norm if max_norm is not None else float("inf")
-    return torch.nn.utils.clip_grad_norm_(params, limit, error_if_nonfinite=False, foreach=False)
+    return torch.nn.utils.clip_grad_norm_(params, limit, error_if_nonfinite=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,9 +147,13 @@ class SpikeGuard:
         return statistics.median(self.history) if self.history else float("nan")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "consecutive_skips": self.consecutive_skips,
-                "rollbacks": self.rollbacks, "lr_scale": self.lr_scale,
-                "events": list(self.events)}
+        return {
+            "history": list(self.history),
+            "consecutive_skips": self.consecutive_skips,
+            "rollbacks": self.rollbacks,
+            "lr_scale": self.lr_scale,
+            "events": list(self.events),
+        }
 
     def load_state_dict(self, state: dict[str, Any], history_only: bool = False) -> None:
         self.history = deque(float(x) for x in state.get("history", []))
@@ -164,10 +175,16 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def set_threads(local_world_size: int = 1, workers: int = 0) -> int:
-    """Split this machine's cores between the ranks on it (data workers get their own
-    processes but mostly wait on I/O, so they are not subtracted). Returns the count set."""
-    threads = max(1, available_cpus() // max(1, local_world_size))
+def set_threads(local_world_size: int = 1) -> int:
+    """Split this machine's cores between the ranks on it, unless OMP_NUM_THREADS says how
+    many to use (torchrun sets it to 1 per rank; users set it on shared machines, where
+    more threads than free cores make every step wait on the slowest thread).
+    Returns the count set."""
+    from_env = os.environ.get("OMP_NUM_THREADS", "")
+    if from_env.isdigit() and int(from_env) > 0:
+        threads = int(from_env)
+    else:
+        threads = max(1, available_cpus() // max(1, local_world_size))
     torch.set_num_threads(threads)
     return threads
 
@@ -178,9 +195,13 @@ def capture_rng() -> dict[str, Any]:
     py_state = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                  "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
     }
     if torch.cuda.is_available():
@@ -191,8 +212,15 @@ def capture_rng() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     npst = state["numpy"]
-    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["cached_gaussian"]))
+    np.random.set_state(
+        (
+            npst["name"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
+    )
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     if "cuda" in state and torch.cuda.is_available():

@@ -10,6 +10,7 @@ fine-tuning see the same pixels.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -249,7 +250,9 @@ def _generator(*seeds: int) -> torch.Generator:
     return gen
 
 
+@functools.lru_cache(maxsize=4)
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch (cached: consecutive steps share it; do not modify)."""
     return torch.randperm(n, generator=_generator(seed, 0xE90C, epoch))
 
 
