@@ -42,7 +42,7 @@ def repo_copy(tmp_path_factory) -> tuple[Path, dict]:
             shutil.copy2(src, dest / name)
     (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     # share the art cache so the copy does not reinstall npm packages
-    if (REPO / ".cache").exists():
+    if (REPO / ".cache").exists() and not (dest / ".cache").exists():
         (dest / ".cache").symlink_to(REPO / ".cache")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{dest / 'mlflow.db'}"}
     env.pop("CLIPSHIFT_PIPELINE_RUN_ID", None)
