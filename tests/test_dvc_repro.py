@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from clipshift.config import PipelineConfig
 from tests.conftest import REPO
 from tests.tiny import tiny_params
 
@@ -40,7 +41,9 @@ def repo_copy(tmp_path_factory) -> tuple[Path, dict]:
         if src.is_file() and not name.startswith(("metrics/", "plots/", "dvc.lock")):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
-    (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    # params.yaml holds every knob (dvc.yaml's matrix reads pretrain.pools from it)
+    full = PipelineConfig.model_validate(tiny_params()).model_dump(by_alias=True, mode="json")
+    (dest / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
     # share the art cache so the copy does not reinstall npm packages
     if (REPO / ".cache").exists() and not (dest / ".cache").exists():
         (dest / ".cache").symlink_to(REPO / ".cache")
