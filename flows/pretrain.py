@@ -1,12 +1,49 @@
-"""Pretrain flow: OpenCLIP contrastive training on one pool (DVC runs one per pool)."""
+"""Pretrain flow: OpenCLIP contrastive training on one pool (DVC runs one per pool).
+
+With ``nproc_per_node > 1`` the flow launches the trainer under ``torchrun`` (DDP: gloo on
+CPU, nccl on GPU) and logs the rank-0 history to MLflow when it ends; multi-node runs are
+started by the launcher of each node (see infra/k8s/torchrun-job.yaml).
+"""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
 
 from prefect import flow
 
 from clipshift.config import PretrainConfig
-from clipshift.pretrain import run_pretrain
+from clipshift.errors import ClipshiftError
+from clipshift.pretrain import run_path, run_pretrain, torchrun_command
 from flows._common import report_table, tracked_stage
+
+
+def launch_torchrun(config: PretrainConfig, pool: str, tracker) -> dict:
+    if config.nnodes > 1:
+        raise ClipshiftError(
+            f"pretrain.nnodes={config.nnodes}: multi-node runs need one launcher per node; "
+            "start them with infra/k8s/torchrun-job.yaml (or torchrun --rdzv-endpoint on each "
+            "node), or set nnodes: 1"
+        )
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        fh.write(config.model_dump_json())
+    try:
+        cmd = torchrun_command(config, fh.name, pool) + ["--no-progress"]
+        proc = subprocess.run(cmd, env=os.environ.copy(), check=False)
+    finally:
+        os.unlink(fh.name)
+    if proc.returncode != 0:
+        raise ClipshiftError(f"torchrun pretraining on '{pool}' failed (exit {proc.returncode})")
+    out = run_path(config, pool)
+    for record in json.loads((out / "history.json").read_text()):
+        step = int(record.get("step", 0))
+        tracker.log_metrics(
+            {k: float(v) for k, v in record.items() if isinstance(v, int | float)}, step=step
+        )
+    return json.loads((out / "metrics.json").read_text())
 
 
 @flow(name="pretrain", log_prints=True)
@@ -14,7 +51,14 @@ def pretrain_flow(config: PretrainConfig = PretrainConfig(), pool: str = "divers
     """Train one CLIP on `pool`; resumes from the newest valid checkpoint if one exists."""
     with tracked_stage("pretrain", config, run_name=f"pretrain-{pool}") as tracker:
         tracker.set_tags({"clipshift.pool": pool})
-        result = run_pretrain(config, pool, tracker=tracker)
+        if config.nproc_per_node * config.nnodes > 1 and "RANK" not in os.environ:
+            result = launch_torchrun(config, pool, tracker)
+        else:
+            result = run_pretrain(config, pool, tracker=tracker)
+        checkpoint = Path(result.get("checkpoint", run_path(config, pool) / "checkpoint.pt"))
+        if checkpoint.exists():
+            tracker.log_artifact(checkpoint, "checkpoint")
+            tracker.log_artifact(f"{checkpoint}.config.json", "checkpoint")
         report_table(
             f"pretrain-{pool}",
             [{k: v for k, v in result.items() if isinstance(v, int | float | str)}],
