@@ -16,17 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from clipshift.errors import ConfigError
 
-STYLE_NAMES = (
-    "twemoji",
-    "openmoji",
-    "fluent",
-    "noto",
-    "noto_line",
-    "fluent_line",
-    "silhouette",
-    "grayscale",
-    "corrupt",
-)
 Style = Literal[
     "twemoji",
     "openmoji",
