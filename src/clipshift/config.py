@@ -316,11 +316,11 @@ class FinetuneConfig(StrictModel):
         default_factory=lambda: list(DEFAULT_TEMPLATES),
         description="Prompt templates ('{}' is the class name) ensembled for the zero-shot head.",
     )
-    e2e_epochs: int = Field(6, ge=1, le=1000, description="End-to-end fine-tuning epochs.")
+    e2e_epochs: int = Field(4, ge=1, le=1000, description="End-to-end fine-tuning epochs.")
     e2e_lr: float = Field(3e-4, gt=0, le=1)
     e2e_batch_size: int = Field(64, ge=1, le=65536)
     soup_lrs: list[float] = Field(
-        default_factory=lambda: [3e-4, 1e-4, 5e-4],
+        default_factory=lambda: [3e-4, 1e-4],
         description="One end-to-end fine-tune per entry (the first is the main one); soup inputs.",
     )
     linear_epochs: int = Field(200, ge=1, le=100000, description="Full-batch linear-probe steps.")
