@@ -1,0 +1,244 @@
+"""Orchestration overhead: ``dvc repro`` → ``clipshift <stage>`` → Prefect flow + MLflow run,
+vs the same library call in plain Python, on the default config.
+
+The stage is ``validate`` (Great Expectations suites, leakage and duplicate checks over every
+dataset): it runs standalone on the built-in data, needs no trained model, and does real work.
+Everything runs in a scratch copy of the project (``--workdir``; a DVC repo made with ``dvc
+init --no-scm``, its own ``mlflow.db`` and ``PREFECT_HOME``), so the real repository, its data
+and its tracking store are never touched. Each side is a fresh process, timed from launch to
+exit (interpreter start and imports included on both sides):
+
+- ours: ``dvc repro --force --single-item validate`` (what a user runs; Prefect starts its
+  temporary server because no ``PREFECT_API_URL`` is set, as on a laptop);
+- peer: ``python -c 'run_validate(load_params().validate_)'`` (the bare library call);
+- also timed: ``clipshift validate`` alone (Prefect + MLflow, no DVC), and a no-op
+  ``dvc repro validate`` (nothing changed: DVC only checks hashes; target ≤ 3 s);
+- with ``--prefect-server``: the same ``dvc repro`` against a running ``prefect server``
+  (the deployed set-up, as ``infra/local/up.sh`` starts it).
+
+ratio = orchestrated / plain wall time (lower is better; target ≤ 1.10, i.e. ≤ 10 % overhead).
+
+    .venv/bin/python bench/bench_orchestration.py [--repeats 3] [--prefect-server]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import common as C
+
+NAME = "orchestration"
+STAGE = "validate"
+PLAIN = (
+    "from clipshift.config import load_params; from clipshift.validate import run_validate; "
+    "run_validate(load_params('params.yaml').validate_)"
+)
+COPY = ["dvc.yaml", "dvc.lock", "params.yaml", "flows", "src", "data/fetch", "data/validate"]
+COPY_IF_PRESENT = ["metrics/fetch.json", "metrics/validate.json"]  # uncached outs of the two
+
+
+def parser() -> argparse.ArgumentParser:
+    p = C.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/clipshift-bench-orch"))
+    p.add_argument("--prefect-server", action="store_true", help="also time against a server")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per command")
+    return p
+
+
+def bin_dir() -> Path:
+    return C.OURS_PYTHON.parent
+
+
+def make_copy(workdir: Path) -> Path:
+    """A scratch DVC project with the real dvc.yaml, code and data (fresh each run)."""
+    repo = workdir / "repo"
+    shutil.rmtree(repo, ignore_errors=True)
+    repo.mkdir(parents=True)
+    for rel in COPY + COPY_IF_PRESENT:
+        src, dst = C.REPO / rel, repo / rel
+        if rel in COPY_IF_PRESENT and not src.exists():
+            continue
+        if not src.exists():
+            raise SystemExit(f"{src} is missing: run `dvc repro fetch validate` in the repo first")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    dvc = str(bin_dir() / "dvc")
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=repo, check=True)
+    subprocess.run([dvc, "config", "core.analytics", "false"], cwd=repo, check=True)
+    # fetch's outputs must be in this copy's cache, or DVC sees the stage as changed
+    subprocess.run([dvc, "commit", "--force", "-q", "fetch"], cwd=repo, check=True)
+    return repo
+
+
+def stage_env(repo: Path, threads: int, api_url: str | None = None) -> dict[str, str]:
+    env = C.thread_env(threads)
+    env["PATH"] = f"{bin_dir()}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{repo / 'mlflow.db'}"
+    env["PREFECT_HOME"] = str(repo.parent / "prefect-home")
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["DO_NOT_TRACK"] = "1"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    for var in ("PREFECT_API_URL", "AWS_ENDPOINT_URL_S3"):
+        env.pop(var, None)  # no outside services unless asked for
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_prefect_server(repo: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log = (repo.parent / "prefect-server.log").open("w")
+    proc = subprocess.Popen(
+        [str(bin_dir() / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: stopped as one, nothing else
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(1)
+    stop(proc)
+    raise SystemExit(f"prefect server did not answer on {url} in 120 s (see prefect-server.log)")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def compare(args) -> dict[str, Any]:
+    repo = make_copy(args.workdir)
+    env = stage_env(repo, args.threads)
+    log = args.workdir / "commands.log"
+    log.unlink(missing_ok=True)
+    dvc = str(bin_dir() / "dvc")
+
+    def timed(cmd: list[str], run_env: dict[str, str] | None = None) -> float:
+        return C.timed_cmd(cmd, env=run_env or env, cwd=repo, timeout=args.timeout, log_file=log)
+
+    forced = [dvc, "repro", "--force", "--single-item", STAGE]
+    # warm-up: first import of everything, DVC's hash cache of data/fetch, MLflow's schema
+    timed(forced)
+    sides = {
+        "dvc_repro": lambda i: timed(forced),
+        "plain": lambda i: timed([str(C.OURS_PYTHON), "-c", PLAIN]),
+        "cli": lambda i: timed([str(bin_dir() / "clipshift"), STAGE]),
+    }
+    load_start = C.machine_info()["load_average"]
+    values = C.alternate(sides, args.repeats, C.say)
+    timed(forced)  # dvc.lock now matches the workspace: the next repro has nothing to do
+    noop = [timed([dvc, "repro", STAGE]) for _ in range(args.repeats)]
+    extra: dict[str, Any] = {}
+    if args.prefect_server:
+        extra = server_variant(args, repo, values, timed, forced)
+    plain = C.median(values["plain"])
+    orchestrated = C.median(values["dvc_repro"])
+    return C.build_result(
+        values["dvc_repro"],
+        values["plain"],
+        "seconds wall (ours = `dvc repro` of the stage through Prefect + MLflow, peer = the "
+        "same library call in plain Python; ratio = ours/peer, lower is better)",
+        higher_is_better=False,
+        target=1.10,
+        stage=STAGE,
+        config="params.yaml defaults",
+        overhead_s=orchestrated - plain,
+        overhead_pct=100 * (orchestrated - plain) / plain,
+        cli_s=C.median(values["cli"]),
+        cli_runs=values["cli"],
+        cli_overhead_s=C.median(values["cli"]) - plain,
+        dvc_share_s=orchestrated - C.median(values["cli"]),
+        prefect_mode="temporary server per process (no PREFECT_API_URL)",
+        noop_dvc_repro_s=C.median(noop),
+        noop_dvc_repro_runs=noop,
+        noop_spread=C.spread(noop),
+        noop_target_s=3.0,
+        noop_target_met=C.median(noop) <= 3.0,
+        threads=args.threads,
+        workdir=str(repo),
+        load_average_start=load_start,
+        machine=C.machine_info(args.threads),
+        **extra,
+    )
+
+
+def server_variant(args, repo: Path, values, timed, forced) -> dict[str, Any]:
+    """dvc repro against a running Prefect server, alternated with the plain call again."""
+    base = stage_env(repo, args.threads)
+    server, url = start_prefect_server(repo, base)
+    try:
+        env = stage_env(repo, args.threads, url)
+        timed(forced, env)  # warm-up: the server's first flow run creates its tables' rows
+        runs = C.alternate(
+            {
+                "dvc_repro_server": lambda i: timed(forced, env),
+                "plain": lambda i: timed([str(C.OURS_PYTHON), "-c", PLAIN]),
+            },
+            args.repeats,
+            C.say,
+        )
+    finally:
+        stop(server)
+    ours, plain = C.median(runs["dvc_repro_server"]), C.median(runs["plain"])
+    return {
+        "server_dvc_repro_s": ours,
+        "server_plain_s": plain,
+        "server_ratio": ours / plain,
+        "server_spread": C.spread(C.paired_ratios(runs["dvc_repro_server"], runs["plain"])),
+        "server_overhead_pct": 100 * (ours - plain) / plain,
+        "server_runs": runs,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    result = compare(args)
+    path = C.write_result(NAME, result, args.results_dir)
+    print(C.summary_line(NAME, result))
+    print(
+        f"overhead {result['overhead_s']:.1f} s ({result['overhead_pct']:.0f} %); "
+        f"no-op dvc repro {result['noop_dvc_repro_s']:.2f} s"
+        + (
+            f"; with a Prefect server: ratio {result['server_ratio']:.3f} "
+            f"({result['server_overhead_pct']:.0f} %)"
+            if "server_ratio" in result
+            else ""
+        )
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
