@@ -273,4 +273,6 @@ def test_stages_end_to_end(world):
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(metrics["models"]) and "er_shift-a" in rows[0]
     for name in ("shift-a", "shift-b", "avg"):
-        assert (world / "plots" / "scatter" / f"effective_robustness_{name}.png").stat().st_size > 1000
+        assert (
+            world / "plots" / "scatter" / f"effective_robustness_{name}.png"
+        ).stat().st_size > 1000
