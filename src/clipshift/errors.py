@@ -14,7 +14,7 @@ class DataError(ClipshiftError):
 
 
 class ValidationFailed(ClipshiftError):
-    """A data-quality expectation failed; the message says which data, which rule, and where the report is."""
+    """A data-quality expectation failed: the message names the data, the rule and the report."""
 
 
 class CheckpointError(ClipshiftError):
