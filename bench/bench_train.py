@@ -217,6 +217,9 @@ def compare(args) -> dict[str, Any]:
                 side_cmd(args, name, run_dir), env=env, log_file=run_dir.parent / f"{name}-r{i}.log"
             )
             runs[name].append(out)
+            # keep the logs, drop the optimizer states (≈100 MB a run)
+            shutil.rmtree(run_dir / args.pool / "resume", ignore_errors=True)
+            shutil.rmtree(run_dir / "logs" / "run" / "checkpoints", ignore_errors=True)
             return out["samples_per_s"]
 
         return run
