@@ -8,35 +8,19 @@ started by the launcher of each node (see infra/k8s/torchrun-job.yaml).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import tempfile
 from pathlib import Path
 
 from prefect import flow
 
+from clipshift import distributed as D
 from clipshift.config import PretrainConfig
-from clipshift.errors import ClipshiftError
-from clipshift.pretrain import run_path, run_pretrain, torchrun_command
+from clipshift.pretrain import run_path, run_pretrain
 from flows._common import report_table, tracked_stage
 
 
 def launch_torchrun(config: PretrainConfig, pool: str, tracker) -> dict:
-    if config.nnodes > 1:
-        raise ClipshiftError(
-            f"pretrain.nnodes={config.nnodes}: multi-node runs need one launcher per node; "
-            "start them with infra/k8s/torchrun-job.yaml (or torchrun --rdzv-endpoint on each "
-            "node), or set nnodes: 1"
-        )
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        fh.write(config.model_dump_json())
-    try:
-        cmd = torchrun_command(config, fh.name, pool) + ["--no-progress"]
-        proc = subprocess.run(cmd, env=os.environ.copy(), check=False)
-    finally:
-        os.unlink(fh.name)
-    if proc.returncode != 0:
-        raise ClipshiftError(f"torchrun pretraining on '{pool}' failed (exit {proc.returncode})")
+    """Train under torchrun, then log rank 0's history to this flow's MLflow run."""
+    D.launch_torchrun("clipshift.pretrain", config, ["--pool", pool, "--no-progress"])
     out = run_path(config, pool)
     for record in json.loads((out / "history.json").read_text()):
         step = int(record.get("step", 0))
@@ -51,7 +35,7 @@ def pretrain_flow(config: PretrainConfig = PretrainConfig(), pool: str = "divers
     """Train one CLIP on `pool`; resumes from the newest valid checkpoint if one exists."""
     with tracked_stage("pretrain", config, run_name=f"pretrain-{pool}") as tracker:
         tracker.set_tags({"clipshift.pool": pool})
-        if config.nproc_per_node * config.nnodes > 1 and "RANK" not in os.environ:
+        if D.wants_torchrun(config):
             result = launch_torchrun(config, pool, tracker)
         else:
             result = run_pretrain(config, pool, tracker=tracker)

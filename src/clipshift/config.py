@@ -401,6 +401,10 @@ class EvaluateConfig(StrictModel):
     retrieval_ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
     batch_size: int = Field(256, ge=1, le=65536)
     workers: int = Field(1, ge=0, le=64)
+    nproc_per_node: int = Field(
+        1, ge=1, le=64, description="torchrun processes per node (each scores a shard)."
+    )
+    nnodes: int = Field(1, ge=1, le=4096, description="torchrun nodes.")
     register_model: bool = Field(True, description="Register the chosen WiSE-FT model in MLflow.")
     registered_model: str = Field(
         "clipshift-emoji",

@@ -8,6 +8,8 @@ WORLD_SIZE, MASTER_ADDR/PORT); the backend is gloo on CPU and nccl on CUDA.
 from __future__ import annotations
 
 import os
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -117,3 +119,80 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 def cleanup() -> None:
     if is_initialized():
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# sharding: each rank takes a contiguous run of whole batches
+
+
+def shard_range(n: int, batch_size: int, rank: int | None = None, world: int | None = None):
+    """``range`` of the items rank ``rank`` handles out of ``n``, cut at batch boundaries.
+
+    Cutting at multiples of ``batch_size`` means every batch a rank computes is exactly a
+    batch the single process computes, so per-item results are bitwise the same, not merely
+    close (matmul blocking depends on the batch); gathering in rank order restores the order.
+    """
+    rank = get_rank() if rank is None else rank
+    world = get_world_size() if world is None else world
+    batches = -(-n // batch_size)
+    lo, hi = (batches * r // world for r in (rank, rank + 1))
+    return range(min(lo * batch_size, n), min(hi * batch_size, n))
+
+
+def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's tensor concatenated along dim 0, in rank order (CPU)."""
+    parts = all_gather_object(tensor.detach().cpu())
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+# --------------------------------------------------------------------------------------------
+# launching: what a flow does when its stage config asks for more than one process
+
+
+def wants_torchrun(config: Any) -> bool:
+    """True when ``config`` asks for several processes and we are not already a rank."""
+    return config.nproc_per_node * config.nnodes > 1 and "RANK" not in os.environ
+
+
+def torchrun_command(
+    module: str, config_json: str | os.PathLike, nproc_per_node: int, nnodes: int = 1
+) -> list[str]:
+    """``torchrun … -m <module> --config-json <file>`` for nproc_per_node × nnodes ranks."""
+    return [
+        "torchrun",
+        f"--nproc_per_node={nproc_per_node}",
+        f"--nnodes={nnodes}",
+        "-m",
+        module,
+        "--config-json",
+        str(config_json),
+    ]
+
+
+def launch_torchrun(module: str, config: Any, extra_args: list[str] | None = None) -> None:
+    """Run ``python -m <module>`` under torchrun on this node with ``config`` (a pydantic
+    model with nproc_per_node/nnodes) passed as a JSON file; raise if any rank fails.
+
+    The environment is passed through as it is (credentials reach the ranks the same way they
+    reach this process) and never written into the config file or the command line.
+    """
+    from clipshift.errors import ClipshiftError
+
+    stage = module.rsplit(".", 1)[-1]
+    if config.nnodes > 1:
+        raise ClipshiftError(
+            f"{stage}.nnodes={config.nnodes}: multi-node runs need one launcher per node; "
+            "start them with infra/k8s/torchrun-job.yaml (or torchrun --rdzv-endpoint on each "
+            "node), or set nnodes: 1"
+        )
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        fh.write(config.model_dump_json())
+    try:
+        cmd = torchrun_command(module, fh.name, config.nproc_per_node, config.nnodes)
+        proc = subprocess.run([*cmd, *(extra_args or [])], env=os.environ.copy(), check=False)
+    finally:
+        os.unlink(fh.name)
+    if proc.returncode != 0:
+        raise ClipshiftError(
+            f"torchrun {stage} failed (exit {proc.returncode}); the ranks' errors are above"
+        )

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipshift import distributed as D
 from clipshift.classifier import (
     ImageClassifier,
     default_device,
@@ -111,15 +112,22 @@ def evaluate_models(
     device: str | torch.device | None = None,
     progress: bool = False,
     stats: dict[str, int] | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{model_id: {dataset: top-1 accuracy}}`` for every entry on every dataset.
 
     One feature pass per (distinct tower, dataset). Only one tower is held in memory at a
     time: models are first reduced to their heads and grouped by tower fingerprint, then each
     group's tower is loaded again for its feature passes. ``stats`` (if given) receives
-    ``feature_passes`` and ``towers``.
+    ``feature_passes`` and ``towers``. ``masks[dataset]`` (bool per class) restricts the
+    prediction to a class subset, as ImageNet-R/-A are scored over their 200 classes only.
+
+    Under torchrun each rank scores its own run of whole batches of every dataset
+    (:func:`clipshift.distributed.shard_range`) and the predictions are gathered, so every
+    rank returns exactly the accuracies one process computes.
     """
     device = device or default_device()
+    masks = masks or {}
     groups: dict[str, list[_Scorer]] = {}
     for entry in entries:
         scorer, _ = _scorer(entry)  # the loaded tower is dropped here; only the head stays
@@ -130,12 +138,15 @@ def evaluate_models(
     for scorers in groups.values():
         visual = load_classifier(scorers[0].tower_file)[0].visual.to(device)
         for name, data in datasets.items():
+            mine = D.shard_range(len(data.labels), batch_size)
+            images = data.images[mine.start : mine.stop]
             # Heads are tiny: score on the CPU, where extract_features leaves the features.
-            feats = extract_features(visual, data.images, batch_size, None, device)
+            feats = extract_features(visual, images, batch_size, None, device)
             passes += 1
+            local = {s.entry.id: masked_argmax(s.score(feats), masks.get(name)) for s in scorers}
             labels = torch.as_tensor(data.labels)
             for s in scorers:
-                pred = s.score(feats).argmax(dim=1)
+                pred = torch.cat([part[s.entry.id] for part in D.all_gather_object(local)])
                 results[s.entry.id][name] = float((pred == labels).float().mean())
             if bar is not None:
                 bar.update(1)
@@ -145,6 +156,37 @@ def evaluate_models(
     if stats is not None:
         stats.update({"feature_passes": passes, "towers": len(groups)})
     return results
+
+
+def masked_argmax(scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-1 class per row, among the classes ``mask`` keeps (all of them without a mask)."""
+    if mask is None:
+        return scores.argmax(dim=1)
+    if mask.shape[0] != scores.shape[1]:
+        raise DataError(
+            f"a class-subset mask over {mask.shape[0]} classes does not fit a model with "
+            f"{scores.shape[1]} classes; evaluate models of the task the dataset was mapped "
+            "onto (fetch.sources class_map targets) or re-run fetch"
+        )
+    return scores.masked_fill(~mask.to(scores.device), float("-inf")).argmax(dim=1)
+
+
+def class_mask(info: Any) -> torch.Tensor | None:
+    """Bool per class of a dataset covering part of its label space (``extra.class_subset``,
+    written by fetch for class_map sources), or None when it covers every class."""
+    subset, classes = info.extra.get("class_subset"), info.classes
+    if not subset or not classes:
+        return None
+    keep = {classes[c] if isinstance(c, int) else c for c in subset}
+    unknown = sorted(keep - set(classes))
+    if unknown:
+        raise DataError(
+            f"dataset '{info.name}' declares class_subset entries {unknown[:5]} that are not "
+            "among its classes; fix fetch.sources class_map and run fetch again"
+        )
+    if keep == set(classes):
+        return None
+    return torch.tensor([c in keep for c in classes])
 
 
 def _bar(total: int, enabled: bool):
@@ -322,29 +364,82 @@ def run_retrieval(cfg: EvaluateConfig, device: torch.device) -> dict[str, dict[s
     return out
 
 
+def id_dataset_name(roles: Mapping[str, str]) -> str:
+    """The reference test set: the dataset named 'test', else the only one with role 'test'
+    (e.g. an ImageNet val set fetched as ``name: imagenet-val, role: test``)."""
+    if ID_DATASET in roles:
+        return ID_DATASET
+    tests = sorted(n for n, r in roles.items() if r == "test")
+    if len(tests) != 1:
+        raise DataError(
+            f"need one reference test set in the evaluation data (a dataset named "
+            f"'{ID_DATASET}', or exactly one with role 'test'), found {tests}; run "
+            "`dvc repro fetch` or fix the roles in fetch.sources"
+        )
+    return tests[0]
+
+
+def load_eval_sets(cfg: EvaluateConfig) -> tuple[dict[str, str], dict[str, Any], dict]:
+    """``(roles, datasets, masks)``: every labelled eval set, decoded, minus validate's
+    exclusions, and the class-subset mask of each set that covers part of the task."""
+    from clipshift.data.loaders import load_labelled, read_exclude
+    from clipshift.data.shards import load_info
+
+    roles = eval_dataset_names(cfg.data_dir)
+    datasets, masks = {}, {}
+    for name in roles:
+        folder = Path(cfg.data_dir) / name
+        datasets[name] = load_labelled(folder, read_exclude(cfg.validate_dir, name))
+        mask = class_mask(load_info(folder))
+        if mask is not None:
+            masks[name] = mask
+    return roles, datasets, masks
+
+
 def run_evaluate(
     cfg: EvaluateConfig, tracker: Tracker | None = None, progress: bool = True
 ) -> dict:
-    """The evaluate stage: accuracies → robustness summary (+ retrieval) → metrics, table, plots."""
-    from clipshift import plots, robustness
-    from clipshift.data.loaders import load_labelled, read_exclude
+    """The evaluate stage: accuracies → robustness summary (+ retrieval) → metrics, table, plots.
 
-    tracker = tracker or NullTracker()
-    device = default_device()
+    Under torchrun every rank calls it: the accuracies are computed sharded across ranks
+    (see :func:`evaluate_models`); rank 0 alone fits, writes, plots and logs, and every rank
+    returns its summary.
+    """
+    dist = D.init_distributed("auto")
     t0 = time.perf_counter()
-    roles = eval_dataset_names(cfg.data_dir)
-    if ID_DATASET not in roles:
-        raise DataError(f"no '{ID_DATASET}' dataset in {cfg.data_dir}; run `dvc repro fetch`")
-    shifts = sorted(n for n, r in roles.items() if r == "shift")
-    datasets = {
-        name: load_labelled(Path(cfg.data_dir) / name, read_exclude(cfg.validate_dir, name))
-        for name in roles
-    }
+    roles, datasets, masks = load_eval_sets(cfg)
+    id_name = id_dataset_name(roles)
     entries = read_indices(cfg.models_dir)
     if not entries:
         raise DataError(f"no models indexed under {cfg.models_dir}/*/index.json; run finetune")
     stats: dict[str, int] = {}
-    acc = evaluate_models(entries, datasets, cfg.batch_size, device, progress, stats)
+    acc = evaluate_models(
+        entries, datasets, cfg.batch_size, dist.device, progress and dist.is_main, stats, masks
+    )
+    summary = None
+    if dist.is_main:
+        summary = _summarise(cfg, entries, acc, roles, id_name, datasets, dist.device)
+        summary["class_subsets"] = {n: int(m.sum()) for n, m in masks.items()}
+        summary["world_size"] = dist.world_size
+        summary["evaluate_seconds"] = round(time.perf_counter() - t0, 2)
+        summary["feature_passes"] = stats.get("feature_passes", 0)
+        _write_outputs(cfg, summary, entries, list(datasets))
+        log_summary_metrics(tracker or NullTracker(), summary)  # the flow logs files as artifacts
+    return D.broadcast_object(summary)
+
+
+def _summarise(
+    cfg: EvaluateConfig,
+    entries: Sequence[ModelEntry],
+    acc: Mapping[str, Mapping[str, float]],
+    roles: Mapping[str, str],
+    id_name: str,
+    datasets: Mapping[str, Any],
+    device: torch.device,
+) -> dict:
+    from clipshift import robustness
+
+    shifts = sorted(n for n, r in roles.items() if r == "shift")
     baseline_ids = [e.id for e in entries if e.kind == "baseline"]
     external = (
         robustness.load_external_baselines(cfg.external_baselines, shifts)
@@ -353,42 +448,48 @@ def run_evaluate(
     )
     summary = robustness.summarise(
         _records(entries, acc),
-        ID_DATASET,
+        id_name,
         shifts,
         baseline_ids,
         cfg.transform,
         external,
         cfg.external_mode,
     )
-    variants = {e.id: e.extra["variant"] for e in entries if "variant" in e.extra}
-    for mid, variant in variants.items():
-        summary["models"][mid]["variant"] = variant
+    for e in entries:
+        if "variant" in e.extra:
+            summary["models"][e.id]["variant"] = e.extra["variant"]
     summary["retrieval"] = run_retrieval(cfg, device)
-    summary["id_dataset"], summary["shifts"] = ID_DATASET, shifts
+    summary["id_dataset"], summary["shifts"] = id_name, shifts
     summary["num_examples"] = {name: len(d.labels) for name, d in datasets.items()}
     summary["selected"] = {
         f"wiseft_{e.extra.get('variant', 'end-to-end')}": e.id
         for e in entries
         if e.extra.get("chosen")
     }
-    summary["evaluate_seconds"] = round(time.perf_counter() - t0, 2)
-    summary["feature_passes"] = stats.get("feature_passes", 0)
+    return summary
 
+
+def _write_outputs(
+    cfg: EvaluateConfig, summary: dict, entries: Sequence[ModelEntry], datasets: list[str]
+) -> None:
+    """metrics JSON, the plots table and one effective-robustness scatter per shift."""
+    from clipshift import plots
+
+    shifts = summary["shifts"]
     write_json_atomic(cfg.metrics_path, summary)
     plots_dir = Path(cfg.plots_dir)
-    write_table(plots_dir / "table.csv", summary, list(datasets), shifts)
+    write_table(plots_dir / "table.csv", summary, datasets, shifts)
     scatter_dir = plots_dir / "scatter"  # a DVC image-plots directory, apart from table.csv
     for stale in scatter_dir.glob("effective_robustness_*.png"):  # shifts removed since last run
         stale.unlink()
+    variants = {e.id: e.extra["variant"] for e in entries if "variant" in e.extra}
     view = _plot_view(summary, variants)
     for shift in [*shifts, "avg"]:
         path = scatter_dir / f"effective_robustness_{shift}.png"
         plots.plot_effective_robustness(view, shift, path, cfg.transform)
-    _log_metrics(tracker, summary)  # the flow logs the metrics file and plots as artifacts
-    return summary
 
 
-def _log_metrics(tracker: Tracker, summary: Mapping[str, Any]) -> None:
+def log_summary_metrics(tracker: Tracker, summary: Mapping[str, Any]) -> None:
     metrics: dict[str, float] = {}
     for mid, rec in summary["models"].items():
         if mid.startswith("external/"):
@@ -402,3 +503,35 @@ def _log_metrics(tracker: Tracker, summary: Mapping[str, Any]) -> None:
     if fit:
         metrics.update({"baseline_fit/avg/slope": fit["slope"], "baseline_fit/avg/r2": fit["r2"]})
     tracker.log_metrics(metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# command line (the entry point torchrun launches on every rank)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from clipshift import train_utils as T
+
+    parser = argparse.ArgumentParser(description="clipshift evaluate stage (one rank)")
+    parser.add_argument("--config-json", required=True, help="an EvaluateConfig as JSON")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    cfg = EvaluateConfig.model_validate_json(Path(args.config_json).read_text())
+    previous_threads = torch.get_num_threads()
+    try:
+        dist = D.init_distributed("auto")
+        if dist.device.type == "cpu":
+            T.set_threads(dist.local_world_size)
+        summary = run_evaluate(cfg, progress=not args.no_progress)
+        if dist.is_main:
+            print({mid: m["id_accuracy"] for mid, m in sorted(summary["models"].items())})
+    finally:
+        torch.set_num_threads(previous_threads)
+        D.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

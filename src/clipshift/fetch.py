@@ -20,6 +20,7 @@ from clipshift.io_utils import write_json_atomic
 from clipshift.tracking_api import NullTracker, Tracker
 
 MANIFEST = "manifest.json"
+REFERENCE_ORDER = {"test": 0, "train": 1, "val": 2}  # sources that may define the task
 
 
 def fetch_sources(
@@ -28,7 +29,10 @@ def fetch_sources(
     from clipshift.data.ingest import fetch_source
 
     datasets = {}
-    for src in cfg.sources:
+    # Without the world, the first labelled reference source (test, then train/val) defines
+    # the task's classes, so that shifts mapped with class_map (ImageNet-R/-A) index them.
+    for src in sorted(cfg.sources, key=lambda s: REFERENCE_ORDER.get(s.role, 9)):
+        task_classes = task_classes or reference_classes(datasets)
         info: DatasetInfo = fetch_source(
             src,
             out_dir,
@@ -39,6 +43,14 @@ def fetch_sources(
         )
         datasets[info.name] = info.model_dump()
     return datasets
+
+
+def reference_classes(datasets: dict[str, dict[str, Any]]) -> list[str] | None:
+    """Classes of the first fetched reference set (test, train, val) that has any."""
+    for info in datasets.values():
+        if info["role"] in REFERENCE_ORDER and info.get("classes"):
+            return list(info["classes"])
+    return None
 
 
 def _prune_stale(out_dir: Path, keep: set[str]) -> list[str]:
@@ -72,6 +84,7 @@ def run_fetch(cfg: FetchConfig, tracker: Tracker | None = None, progress: bool =
             "in params.yaml fetch.sources"
         )
     manifest["datasets"].update(external)
+    manifest["task"]["classes"] = task_classes or reference_classes(external)
     if not manifest["datasets"]:
         raise DataError("nothing to fetch: set fetch.use_world: true or list fetch.sources")
     manifest["removed_stale"] = _prune_stale(out_dir, set(manifest["datasets"]))

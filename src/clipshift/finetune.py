@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import time
@@ -29,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipshift import distributed as D
+from clipshift import train_utils as T
 from clipshift.checkpoints import load_checkpoint, save_checkpoint
 from clipshift.classifier import (
     ImageClassifier,
@@ -158,6 +161,10 @@ def finetune_end_to_end(
     by a generator seeded with ``seed`` (so a run is reproducible on one device). Logs
     ``<log_prefix>/loss`` per step and ``<log_prefix>/val_accuracy`` per epoch. Returns
     ``clf`` (trained in place, in eval mode).
+
+    Under torchrun (an initialised process group) the model is wrapped in DDP and every rank
+    draws the same global batch (same generator) and takes its slice of it: ``batch_size``
+    stays the global batch, and the gradient is that of the global-batch mean loss.
     """
     tracker = tracker or NullTracker()
     device = torch.device(device) if device is not None else default_device()
@@ -168,13 +175,14 @@ def finetune_end_to_end(
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
     clf.to(device).train()
+    model = _ddp(clf, device)
     size = clf.visual.image_size[0] if hasattr(clf.visual, "image_size") else None
     optimizer = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(total, int(warmup_fraction * total))
     )
     gen = torch.Generator().manual_seed(seed)
-    bar = _progress(total, progress, log_prefix)
+    bar = _progress(total, progress and D.is_main(), log_prefix)
     step = 0
     for _epoch in range(epochs):
         order = torch.randperm(n, generator=gen)
@@ -182,11 +190,15 @@ def finetune_end_to_end(
             idx = order[start : start + batch_size]
             batch = train.images[idx]
             if use_augment:
-                batch = augment(batch, gen)
-            logits = clf(to_model_input(batch, size).to(device))
-            loss = F.cross_entropy(logits, labels[idx].to(device))
+                batch = augment(batch, gen)  # the whole global batch: same draws as one process
+            mine, weight = _rank_slice(len(idx))
+            logits = model(to_model_input(batch[mine], size).to(device))
+            # sum over my rows / global rows, times world (DDP averages gradients over ranks):
+            # the gradient of the global-batch mean, whatever the split
+            part = F.cross_entropy(logits, labels[idx][mine].to(device), reduction="sum")
+            loss = part * weight / len(idx)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * D.get_world_size()).backward()
             if grad_clip_norm:
                 nn.utils.clip_grad_norm_(clf.parameters(), grad_clip_norm)
             optimizer.step()
@@ -195,14 +207,34 @@ def finetune_end_to_end(
             if bar is not None:
                 bar.update(1)
             if step % 10 == 0 or step == total:
-                tracker.log_metrics({f"{log_prefix}/loss": float(loss.detach())}, step=step)
-        if val is not None:
+                global_loss = float(D.all_reduce_mean(loss.detach())) * D.get_world_size()
+                tracker.log_metrics({f"{log_prefix}/loss": global_loss}, step=step)
+        if val is not None and D.is_main():
             acc = accuracy_of(clf, val, 256, device)
             tracker.log_metrics({f"{log_prefix}/val_accuracy": acc}, step=step)
             clf.train()
     if bar is not None:
         bar.close()
     return clf.eval()
+
+
+def _ddp(clf: nn.Module, device: torch.device) -> nn.Module:
+    """``clf`` wrapped in DDP under torchrun (gradients all-reduced), itself otherwise."""
+    if D.get_world_size() == 1:
+        return clf
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(clf, device_ids=ids, broadcast_buffers=False)
+
+
+def _rank_slice(rows: int) -> tuple[slice, float]:
+    """This rank's rows of a global batch of ``rows`` and the weight of its loss.
+
+    A rank left with no rows (a last batch smaller than the world) still runs one row with
+    weight 0, so that every rank takes part in DDP's gradient all-reduce.
+    """
+    world, rank = D.get_world_size(), D.get_rank()
+    lo, hi = rows * rank // world, rows * (rank + 1) // world
+    return (slice(lo, hi), 1.0) if hi > lo else (slice(0, 1), 0.0)
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -379,6 +411,11 @@ class _Stage:
     progress: bool
     entries: list[ModelEntry] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=lambda: {"models": {}})
+    main: bool = True  # under torchrun only rank 0 writes files and logs
+
+    def save(self, path: str, clf: ImageClassifier, meta: dict) -> None:
+        if self.main:
+            save_classifier(self.out / path, clf, meta)
 
     def add(self, entry: ModelEntry, seconds: float, val_accuracy: float | None) -> None:
         entry.extra.update({"train_seconds": round(seconds, 2), "val_accuracy": val_accuracy})
@@ -397,7 +434,7 @@ def _zeroshot(st: _Stage, pool: str, pretrained: Path) -> tuple[ImageClassifier,
     bundle = load_pretrained(pretrained, st.device)
     zs = zeroshot_classifier(bundle, st.classes, st.cfg.templates, st.cfg.batch_size)
     meta = _clip_meta(bundle, st.classes, pool, st.cfg.templates)
-    save_classifier(st.out / f"zeroshot-{pool}.pt", zs, meta)
+    st.save(f"zeroshot-{pool}.pt", zs, meta)
     entry = ModelEntry(
         id=f"zeroshot-{pool}",
         kind="zeroshot",
@@ -427,7 +464,7 @@ def _linear_and_knn(st: _Stage, pool: str, zs: ImageClassifier, meta: dict) -> N
         seed=cfg.seed,
     )
     probe = ImageClassifier(copy.deepcopy(zs.visual), make_head(head.weight, head.bias), True)
-    save_classifier(st.out / f"linear-{pool}.pt", probe, {**meta, "kind": "linear", **info})
+    st.save(f"linear-{pool}.pt", probe, {**meta, "kind": "linear", **info})
     entry = ModelEntry(
         id=f"linear-{pool}",
         kind="linear",
@@ -479,7 +516,7 @@ def _end_to_end(st: _Stage, pool: str, zs: ImageClassifier, meta: dict) -> None:
         )
         name = f"finetuned-{pool}-{i}"
         facts = {"lr": lr, "seed": cfg.seed + i}
-        save_classifier(st.out / f"{name}.pt", clf, {**meta, "kind": "finetuned", **facts})
+        st.save(f"{name}.pt", clf, {**meta, "kind": "finetuned", **facts})
         entry = ModelEntry(
             id=name, kind="finetuned", pool=pool, path=f"{name}.pt", extra={**facts, "main": i == 0}
         )
@@ -495,7 +532,7 @@ def _baselines(st: _Stage) -> None:
     )
     for model in trained:
         path = f"{model.id}.pt"
-        save_classifier(st.out / path, model.clf, {**model.meta, "classnames": st.classes})
+        st.save(path, model.clf, {**model.meta, "classnames": st.classes})
         entry = ModelEntry(
             id=model.id, kind="baseline", pool=None, path=path, extra=dict(model.meta["spec"])
         )
@@ -508,7 +545,12 @@ def run_finetune(
     """The finetune stage: for every pretrained pool a zero-shot classifier, a linear probe and
     a k-NN classifier; for ``cfg.pool`` the end-to-end fine-tunes; then the baselines. Writes
     the models, ``index.json`` and ``finetune.json`` under ``cfg.out_dir``; returns the summary.
+
+    Under torchrun every rank calls it: the end-to-end fine-tunes and the baselines train with
+    DDP, the one-pass linear probe and k-NN run on rank 0 alone, and only rank 0 writes files
+    and logs; every rank returns rank 0's summary.
     """
+    dist = D.init_distributed("auto")
     pools = find_pools(cfg.pretrain_dir)
     if cfg.pool not in pools:
         raise DataError(
@@ -519,16 +561,18 @@ def run_finetune(
     if list(train.classes or []) != list(val.classes or []) or not train.classes:
         raise DataError("train and val must list the same task classes; re-run fetch")
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     st = _Stage(
         cfg,
         out,
         train,
         val,
         list(train.classes),
-        default_device(),
-        tracker or NullTracker(),
-        progress,
+        dist.device,
+        tracker if tracker is not None and dist.is_main else NullTracker(),
+        progress and dist.is_main,
+        main=dist.is_main,
     )
     st.summary["pools"] = pools
     st.tracker.log_params(
@@ -538,11 +582,42 @@ def run_finetune(
         zs, meta = _zeroshot(st, pool, Path(cfg.pretrain_dir) / pool / PRETRAINED_FILE)
         # Linear probe and k-NN cost one feature pass: done for every pool, so that pools can
         # be compared on them too; end-to-end fine-tuning only for the chosen pool.
-        _linear_and_knn(st, pool, zs, meta)
+        if st.main:
+            _linear_and_knn(st, pool, zs, meta)
         if pool == cfg.pool:
             _end_to_end(st, pool, zs, meta)
     _baselines(st)
-    write_index(out, st.entries)
-    write_json_atomic(out / "finetune.json", st.summary)
-    st.tracker.log_dict(st.summary, "finetune.json")
-    return st.summary
+    if st.main:
+        st.summary["world_size"] = dist.world_size
+        write_index(out, st.entries)
+        write_json_atomic(out / "finetune.json", st.summary)
+        st.tracker.log_dict(st.summary, "finetune.json")
+    return D.broadcast_object(st.summary)
+
+
+# --------------------------------------------------------------------------------------------
+# command line (the entry point torchrun launches on every rank)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="clipshift finetune stage (one rank)")
+    parser.add_argument("--config-json", required=True, help="a FinetuneConfig as JSON")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    cfg = FinetuneConfig.model_validate_json(Path(args.config_json).read_text())
+    previous_threads = torch.get_num_threads()
+    try:
+        dist = D.init_distributed("auto")
+        if dist.device.type == "cpu":
+            T.set_threads(dist.local_world_size)  # ranks share the cores, not oversubscribe
+        summary = run_finetune(cfg, progress=not args.no_progress)
+        if dist.is_main:
+            print({mid: m.get("val_accuracy") for mid, m in summary["models"].items()})
+    finally:
+        torch.set_num_threads(previous_threads)
+        D.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

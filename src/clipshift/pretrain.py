@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 
 RESUME_DIR = "resume"
 KEEP_RESUME = 3  # resume checkpoints kept while training (rollback targets); 1 at the end
+CHECKPOINT_CACHE = ".cache/clipshift"  # fetch.cache_dir's default: one download cache
 MEMORY_LIMIT_BYTES = 2 << 30  # loader 'auto' decodes pools into RAM below this size
 # Settings that change the data order or the model: a resume checkpoint written with other
 # values cannot continue this run.
@@ -99,19 +100,42 @@ def build_model(cfg: PretrainConfig, device: torch.device) -> ClipBundle:
     torch.manual_seed(cfg.seed)
     if cfg.init_checkpoint is None:
         return _to(create_clip(cfg.model), device)
-    if "://" in cfg.init_checkpoint:
-        raise ConfigError(
-            f"init_checkpoint '{cfg.init_checkpoint}' is remote; download it first "
-            "(e.g. `aws s3 cp`) and give the local path"
-        )
-    state = load_checkpoint(cfg.init_checkpoint)  # verifies the checksum and refuses pickles
+    path = str(local_checkpoint(cfg.init_checkpoint))
+    state = load_checkpoint(path)  # verifies the checksum and refuses pickles
     if "name" in state and "model_config" in state:  # written by clipshift: carries its arch
-        bundle = create_clip(
-            state["name"], pretrained=cfg.init_checkpoint, config=state["model_config"]
-        )
+        bundle = create_clip(state["name"], pretrained=path, config=state["model_config"])
     else:
-        bundle = create_clip(cfg.model, pretrained=cfg.init_checkpoint)
+        bundle = create_clip(cfg.model, pretrained=path)
     return _to(bundle, device)
+
+
+def local_checkpoint(uri: str, cache_dir: str | Path = CHECKPOINT_CACHE) -> Path:
+    """A local file for ``uri``: a path as it is, ``s3://bucket/key`` or
+    ``https://host/file#sha256=<hex>`` downloaded once into ``<cache_dir>/downloads`` (resumable,
+    verified, re-fetched only when the object changes; see :mod:`clipshift.data.sources`).
+
+    Under torchrun the first rank of each node downloads while the others wait, then they all
+    find the file in the cache: the ranks of a node never race on one ``.part`` file.
+    """
+    if "://" not in uri:
+        return Path(uri)
+    from clipshift.data.sources import materialise, parse_uri
+
+    base, _, fragment = uri.partition("#sha256=")
+    loc = parse_uri(base)
+    if loc.scheme in ("http", "https") and not fragment:
+        raise ConfigError(
+            f"init_checkpoint '{uri}' is an http(s) URL without a checksum; append "
+            "'#sha256=<hex digest of the file>' so a changed or corrupt download is refused"
+        )
+
+    def fetch() -> Path:
+        return materialise(loc, Path(cache_dir), sha256=fragment or None, progress=False)
+
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    path = fetch() if first else None
+    D.barrier()
+    return path or fetch()
 
 
 def _to(bundle: ClipBundle, device: torch.device) -> ClipBundle:
@@ -671,17 +695,8 @@ def run_pretrain(
 
 def torchrun_command(cfg: PretrainConfig, config_json: str | Path, pool: str) -> list[str]:
     """The launcher line for ``cfg.nproc_per_node`` × ``cfg.nnodes`` processes."""
-    return [
-        "torchrun",
-        f"--nproc_per_node={cfg.nproc_per_node}",
-        f"--nnodes={cfg.nnodes}",
-        "-m",
-        "clipshift.pretrain",
-        "--config-json",
-        str(config_json),
-        "--pool",
-        pool,
-    ]
+    cmd = D.torchrun_command("clipshift.pretrain", config_json, cfg.nproc_per_node, cfg.nnodes)
+    return [*cmd, "--pool", pool]
 
 
 def main(argv: list[str] | None = None) -> int:
