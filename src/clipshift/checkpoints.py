@@ -1,7 +1,8 @@
 """Checkpoint files: atomic writes, checksums, safe loading, open_clip-compatible exports.
 
-Every checkpoint clipshift writes is first written to ``<path>.tmp``, flushed and fsynced,
-then renamed over ``<path>``: a crash leaves the old file or the new one, never half of one.
+Every checkpoint clipshift writes is first written to a private ``<path>.<pid>-<hex>.tmp``,
+flushed and fsynced, then renamed over ``<path>``: a crash leaves the old file or the new one,
+never half of one.
 The sha256 of the bytes goes to a sidecar ``<path>.sha256`` so later damage (a truncated copy,
 a disk error) is caught before a corrupt state is trained on. Loading always uses
 ``torch.load(weights_only=True)``: a checkpoint is data, and one that tries to run code when
@@ -20,7 +21,7 @@ import torch
 
 from clipshift.data.shards import sha256_file
 from clipshift.errors import CheckpointError
-from clipshift.io_utils import write_json_atomic
+from clipshift.io_utils import temp_path, write_error_message, write_json_atomic
 
 SIDECAR_SUFFIX = ".sha256"
 CONFIG_SUFFIX = ".config.json"
@@ -55,37 +56,64 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
     """Write small files (sidecars, JSON) with the same tmp + fsync + rename discipline."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    tmp = temp_path(path)
+    try:
+        _write_synced(tmp, payload)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _write_synced(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as fh:
         fh.write(payload)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically and record its sha256 in ``<path>.sha256``.
 
-    Order matters: the old sidecar is removed first, then the data file is renamed into place,
-    then the new sidecar is written. At every instant the sidecar is either absent or matches
-    the data file, and the data file is always complete (it was fsynced before the rename).
+    Both new files are written and fsynced to private temp names first; then the old sidecar
+    is removed, the data file renamed into place and the new sidecar renamed beside it. At
+    every instant the sidecar is either absent or matches the data file, and the data file is
+    always complete. Everything that can run out of space happens before the first rename, so
+    a failed write (disk full) leaves the previous checkpoint and its sidecar untouched and no
+    temp file, and raises a :class:`CheckpointError` naming the path and the fix.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    sidecar = sidecar_path(path)
+    # Private temp names: concurrent writers never share (and mix) a temp file.
+    tmp, sidecar_tmp = temp_path(path), temp_path(sidecar)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        digest = sha256_file(tmp)
-        sidecar_path(path).unlink(missing_ok=True)
+        _write_synced(sidecar_tmp, f"{sha256_file(tmp)}  {path.name}\n".encode())
+        sidecar.unlink(missing_ok=True)
         os.replace(tmp, path)
+        os.replace(sidecar_tmp, sidecar)
         _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as exc:
+        oserr = _write_failure(exc)
+        if oserr is None:
+            raise
+        raise CheckpointError(write_error_message(oserr, path, "checkpoint")) from exc
     finally:
         tmp.unlink(missing_ok=True)
-    atomic_write_bytes(sidecar_path(path), f"{digest}  {path.name}\n".encode())
+        sidecar_tmp.unlink(missing_ok=True)
+
+
+def _write_failure(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write: torch.save reports one raised by the file object
+    (disk full) as a RuntimeError from its zip writer, with the OSError as context."""
+    if isinstance(exc, OSError):
+        return exc
+    context = exc.__cause__ or exc.__context__
+    return context if isinstance(context, OSError) else None
 
 
 def _corrupt(path: Path, why: str) -> CheckpointError:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,12 @@ log = logging.getLogger(__name__)
 EXPERIMENT = os.environ.get("CLIPSHIFT_EXPERIMENT", "clipshift")
 PIPELINE_KEY_TAG = "clipshift.pipeline_key"
 SECRET_ENV_MARKERS = ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY", "CREDENTIAL")
+# The longest a log call holds up training waiting for MLflow to take its metrics.
+METRIC_WAIT_S = 2.0
+# At the end of a stage, how long to wait for a down MLflow server to come back with the
+# metrics still buffered before saving them locally instead.
+FLUSH_TIMEOUT_ENV = "CLIPSHIFT_MLFLOW_FLUSH_TIMEOUT_S"
+DEFAULT_FLUSH_TIMEOUT_S = 300.0
 
 
 def tracking_uri() -> str:
@@ -108,33 +115,98 @@ def redact(value: Any) -> Any:
 
 
 class MlflowTracker:
-    """A Tracker over one MLflow run. Metrics that fail to send are buffered and re-sent later,
-    so an MLflow outage never stops training; ``flush`` reports what is still pending."""
+    """A Tracker over one MLflow run. Metrics never block training on MLflow: they are queued
+    and sent by a background thread; ``log_metrics`` waits at most ``wait_s`` for its own batch,
+    and not at all while an earlier send is still stuck (the MLflow client retries a down server
+    for minutes). What fails to send stays queued and goes out with the next batch, so an
+    outage only delays metrics; ``flush`` sends the rest and reports what is still pending."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: Any, run_id: str, wait_s: float = METRIC_WAIT_S) -> None:
         self.client = client
         self.run_id = run_id
+        self.wait_s = wait_s
         self._pending: list[Any] = []
+        self._lock = threading.Lock()  # guards _pending and _sender
+        self._send_lock = threading.Lock()  # one send at a time (sender thread or flush)
+        self._sender: threading.Thread | None = None
+        self._outage_logged = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable without its locks and thread: Prefect hashes task inputs by pickling them.
+        state = self.__dict__.copy()
+        for name in ("_lock", "_send_lock", "_sender"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock, self._send_lock, self._sender = threading.Lock(), threading.Lock(), None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.flush(raise_on_error=False)
+        with self._lock:
+            self._pending += [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+            if self._sender is not None and self._sender.is_alive():
+                return  # a send is in flight (slow or down server): it picks these up
+            self._sender = threading.Thread(target=self._send_pending, daemon=True)
+            self._sender.start()
+            sender = self._sender
+        sender.join(self.wait_s)
 
-    def flush(self, raise_on_error: bool = True) -> int:
-        while self._pending:
-            batch = self._pending[:1000]
-            try:
-                self.client.log_batch(self.run_id, metrics=batch)
-            except Exception as exc:  # noqa: BLE001 - any transport error means "try later"
-                if raise_on_error:
-                    raise
-                log.warning("MLflow unreachable (%s); %d metrics buffered", exc, len(self._pending))
+    def _send_pending(self) -> None:
+        try:
+            self._send(raise_on_error=False)
+        except Exception:  # noqa: BLE001 - a sender thread must never die loudly
+            log.exception("MLflow metric sender failed")
+
+    def _send(self, raise_on_error: bool) -> int:
+        with self._send_lock:
+            while True:
+                with self._lock:
+                    batch = self._pending[:1000]
+                if not batch:
+                    return 0
+                try:
+                    self.client.log_batch(self.run_id, metrics=batch)
+                except Exception as exc:  # noqa: BLE001 - any transport error means "try later"
+                    if raise_on_error:
+                        raise
+                    self._log_outage(exc)
+                    return len(self._pending)
+                with self._lock:  # only appends happen meanwhile: the batch is still in front
+                    del self._pending[: len(batch)]
+                if self._outage_logged:
+                    log.warning("MLflow reachable again; buffered metrics sent")
+                    self._outage_logged = False
+
+    def _log_outage(self, exc: Exception) -> None:
+        if not self._outage_logged:
+            log.warning(
+                "MLflow unreachable (%s); %d metrics buffered, training goes on and they are "
+                "re-sent with the next ones",
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                len(self._pending),
+            )
+            self._outage_logged = True
+
+    def flush(self, raise_on_error: bool = True, timeout_s: float | None = None) -> int:
+        """Send everything queued; return how many metrics are still unsent.
+
+        Waits up to ``timeout_s`` (None: as long as it takes) for a send already in flight,
+        e.g. one retrying against a restarting server, then tries once more.
+        """
+        sender = self._sender
+        if sender is not None:
+            sender.join(timeout_s)
+            if sender.is_alive():
                 return len(self._pending)
-            del self._pending[: len(batch)]
-        return 0
+        return self._send(raise_on_error)
+
+    def unsent(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [m.to_dictionary() for m in self._pending]
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -172,7 +244,13 @@ def experiment_id(client: Any, name: str = EXPERIMENT) -> str:
     location = None
     if _is_local_store(tracking_uri()):
         location = Path("mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception as exc:  # noqa: BLE001 - re-raised unless another run won the race
+        exp = client.get_experiment_by_name(name)  # created by a run started at the same time
+        if exp is None:
+            raise exc from None
+        return exp.experiment_id
 
 
 def pipeline_run_id(client: Any, exp_id: str, params_path: str | Path = "params.yaml") -> str:
@@ -180,18 +258,29 @@ def pipeline_run_id(client: Any, exp_id: str, params_path: str | Path = "params.
     if run_id := os.environ.get("CLIPSHIFT_PIPELINE_RUN_ID"):
         return run_id
     key = pipeline_key(params_path)
-    found = client.search_runs(
-        [exp_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'", max_results=1
-    )
+    found = _pipeline_runs(client, exp_id, key)
     if found:
-        return found[0].info.run_id
+        return found[0]
     exp_name = os.environ.get("DVC_EXP_NAME")
     run = client.create_run(
         exp_id,
         run_name=f"pipeline-{exp_name or 'workspace'}-{key[:6]}",
         tags={PIPELINE_KEY_TAG: key, "clipshift.kind": "pipeline", **git_state()},
     )
-    return run.info.run_id
+    # Two stages started at once (two pipelines, parallel DVC stages) may both have found no
+    # parent and created one each: all of them then agree on the oldest and drop their own.
+    winner = _pipeline_runs(client, exp_id, key)[0]
+    if winner != run.info.run_id:
+        client.delete_run(run.info.run_id)
+    return winner
+
+
+def _pipeline_runs(client: Any, exp_id: str, key: str) -> list[str]:
+    """Ids of the live pipeline runs with this key, oldest first (ties by id)."""
+    runs = client.search_runs(
+        [exp_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'", max_results=100
+    )
+    return [r.info.run_id for r in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))]
 
 
 @contextlib.contextmanager
@@ -216,14 +305,52 @@ def stage_run(
         yield tracker
         status = "FINISHED"
     finally:
-        pending = tracker.flush(raise_on_error=False)
-        if pending:
-            Path("metrics").mkdir(exist_ok=True)
-            Path(f"metrics/unsent-{run.info.run_id}.json").write_text(
-                json.dumps([m.to_dictionary() for m in tracker._pending])
-            )
-        client.set_terminated(run.info.run_id, status)
-        client.set_terminated(parent, "FINISHED" if status == "FINISHED" else "FAILED")
+        close_run(tracker, stage, status, parent, raise_on_error=status == "FINISHED")
+
+
+def flush_timeout_s() -> float:
+    return float(os.environ.get(FLUSH_TIMEOUT_ENV, DEFAULT_FLUSH_TIMEOUT_S))
+
+
+def close_run(
+    tracker: MlflowTracker, stage: str, status: str, parent: str, raise_on_error: bool
+) -> None:
+    """Send the buffered metrics and mark the runs ended. If MLflow stays unreachable, the
+    metrics are saved to ``metrics/unsent-<run id>.json`` and the stage fails with a message
+    saying so (its outputs, checkpoints included, are already on disk)."""
+    from clipshift.errors import ClipshiftError
+
+    pending = tracker.flush(raise_on_error=False, timeout_s=flush_timeout_s())
+    saved = save_unsent(tracker) if pending else None
+    try:
+        tracker.client.set_terminated(tracker.run_id, status)
+        tracker.client.set_terminated(parent, "FINISHED" if status == "FINISHED" else "FAILED")
+    except Exception as exc:  # noqa: BLE001 - any transport error: report it clearly below
+        problem = f"could not close MLflow run {tracker.run_id} at {tracking_uri()} ({exc})"
+    else:
+        if saved is None:
+            return
+        problem = f"MLflow run {tracker.run_id} at {tracking_uri()} did not take all metrics"
+    message = (
+        f"stage '{stage}': {problem}; its outputs are written. "
+        + (f"{pending} unsent metrics were saved to {saved}. " if saved else "")
+        + "Check that the MLflow server is up (MLFLOW_TRACKING_URI), then re-run the stage "
+        "to record it"
+    )
+    if not raise_on_error:  # the stage already failed: do not hide its own error
+        log.error(message)
+        return
+    raise ClipshiftError(message)
+
+
+def save_unsent(tracker: MlflowTracker) -> Path:
+    """Write the metrics MLflow never took to a JSON list (mlflow Metric dictionaries)."""
+    from clipshift.io_utils import write_json_atomic
+
+    path = Path("metrics") / f"unsent-{tracker.run_id}.json"
+    write_json_atomic(path, tracker.unsent())
+    log.error("MLflow unreachable: %d metrics saved to %s", len(tracker.unsent()), path)
+    return path
 
 
 @contextlib.contextmanager
@@ -240,7 +367,8 @@ def child_run(parent: MlflowTracker, name: str, tags: dict[str, str] | None = No
         yield tracker
         status = "FINISHED"
     finally:
-        tracker.flush(raise_on_error=False)
+        if tracker.flush(raise_on_error=False, timeout_s=flush_timeout_s()):
+            save_unsent(tracker)
         client.set_terminated(run.info.run_id, status)
 
 

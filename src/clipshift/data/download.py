@@ -32,6 +32,11 @@ class TransientError(Exception):
     """A transfer failed in a way that retrying (from the current offset) may fix."""
 
 
+class DownloadFailed(DataError):
+    """A transfer kept breaking (dropped connections, bodies cut short) through every retry;
+    the bytes received so far are kept in the ``.part`` file for the next run to resume."""
+
+
 @dataclass
 class RangeResponse:
     """An open response body that starts at byte ``start`` of the object.
@@ -87,7 +92,7 @@ def download(
             except RETRYABLE as exc:
                 failures += 1
                 if failures > retries:
-                    raise DataError(
+                    raise DownloadFailed(
                         f"download of {source} failed {failures} times (last error: {exc}); "
                         f"{_size(part)} bytes are kept in {part} and the next run resumes "
                         "from there; check the network or the server, then run fetch again"
@@ -116,7 +121,7 @@ def _discard_oversized(part: Path, expected_size: int | None) -> None:
 def _transfer(open_range: RangeOpener, part: Path, expected_size: int | None, bar: tqdm) -> int:
     """Append the missing bytes to ``part``; return the object's total size as far as known."""
     offset = _size(part)
-    if expected_size is not None and offset == expected_size:
+    if expected_size is not None and offset == expected_size and part.exists():
         return offset  # already complete: a previous run died between transfer and rename
     response = open_range(offset)
     try:

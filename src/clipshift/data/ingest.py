@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import shutil
 import tarfile
@@ -33,6 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clipshift.config import SourceConfig
+from clipshift.data.download import DownloadFailed
 from clipshift.data.shards import (
     IMAGE_EXTS,
     DatasetInfo,
@@ -50,6 +52,8 @@ from clipshift.data.sources import (
     s3_list,
 )
 from clipshift.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 LABELLED_ROLES = ("train", "val", "test", "shift")
 # Captions far beyond CLIP's 77-token context are spam or scraped page text, not alt-text.
@@ -502,7 +506,13 @@ def webdataset_samples(
     """Checked samples of every shard in order; bad samples and unreadable shards are counted."""
     keys = KeyMaker()
     for shard in shards:
-        path = shard.fetch()
+        try:
+            path = shard.fetch()
+        except DownloadFailed as exc:  # retried already; a store refusing requests stays fatal
+            log.warning("skipping shard %s: %s", shard.uri, exc)
+            stats.skip("shard download failed")
+            extra.setdefault("bad_shards", []).append(shard.uri)
+            continue
         try:
             with tarfile.open(path, "r:*") as tar:
                 for key, group in group_members(tar):  # raises DataError on unsafe paths

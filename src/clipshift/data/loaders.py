@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,10 @@ from clipshift.errors import DataError
 log = logging.getLogger(__name__)
 
 EXCLUDE_FILE = "exclude.json"
+# Streamed shards from these schemes are re-read when a read breaks off (see _shard_samples).
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+SHARD_ATTEMPTS = 3
+SHARD_BACKOFF_S = 1.0
 # RandomResizedCrop-like ranges (open_clip trains with scale (0.9, 1.0)); mild because emoji
 # fill the frame and a crop that loses the object changes what the caption describes.
 CROP_SCALE = (0.8, 1.0)
@@ -302,6 +307,49 @@ class SkipCounter:
         return True
 
 
+def _shard_samples(handler: Callable[[BaseException], bool]) -> Callable:
+    """Stage: the raw samples of each shard URL.
+
+    A remote shard (``pipe:``, ``http(s)://``, ``s3://``...) whose read breaks off mid-stream
+    is read again, skipping the samples already passed on, up to ``SHARD_ATTEMPTS`` times with
+    exponential backoff; then the rest of it is given to ``handler`` (counted and skipped).
+    Local files are not re-read (the same bytes would fail the same way): their errors go to
+    ``handler`` at once, as in ``wds.tarfile_to_samples``.
+    """
+    import webdataset as wds
+
+    def stage(src: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        for item in src:
+            url = item["url"]
+            if not url.startswith(REMOTE_PREFIXES):
+                yield from wds.tarfile_samples([dict(item)], handler=handler)
+                continue
+            yield from _read_with_retries(url, handler)
+
+    return stage
+
+
+def _read_with_retries(url: str, handler: Callable[[BaseException], bool]) -> Iterator[dict]:
+    import webdataset as wds
+
+    done = 0
+    for attempt in range(SHARD_ATTEMPTS):
+        try:
+            for i, sample in enumerate(wds.tarfile_samples([{"url": url}])):
+                if i >= done:  # a re-read starts over: pass on only what is new
+                    done += 1
+                    yield sample
+            return
+        except Exception as exn:  # noqa: BLE001 - any read error: retry, then the handler
+            if attempt + 1 < SHARD_ATTEMPTS:
+                pause = SHARD_BACKOFF_S * 2**attempt
+                log.warning("shard %s broke off (%r); retry in %.1f s", url, exn, pause)
+                time.sleep(pause)
+                continue
+            exn.args = (*exn.args, f"{url}: gave up after {SHARD_ATTEMPTS} attempts")
+            handler(exn)
+
+
 def _worker_identity() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -383,8 +431,9 @@ def pool_dataset(
 
     Shards are reshuffled each epoch from ``seed``, split across nodes (``split_by_node``) and
     DataLoader workers (``split_by_worker``); samples pass a seeded shuffle buffer. The stream
-    repeats forever unless ``epochs`` is given. Corrupt samples are skipped and counted by
-    ``handler`` (a :class:`SkipCounter` by default).
+    repeats forever unless ``epochs`` is given. Corrupt samples, and the rest of a remote shard
+    that keeps breaking off after its retries, are skipped and counted by ``handler`` (a
+    :class:`SkipCounter` by default).
     """
     import webdataset as wds
 
@@ -394,7 +443,7 @@ def pool_dataset(
         _epoch_shards(urls, seed, epochs),
         wds.split_by_node,
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=handler),
+        _shard_samples(handler),
         _seeded_shuffle(shuffle_buffer, seed, rank),
         wds.map(
             _decode_pair(tokenizer, image_size, augment_images, seed, rank, with_keys),

@@ -10,6 +10,7 @@ complete: a crash never leaves a half-written dataset where a complete one is ex
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -25,6 +26,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from clipshift.errors import DataError
+from clipshift.io_utils import output_lock, write_error_message
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 INFO_FILE = "dataset.json"
@@ -92,7 +94,10 @@ class ShardWriter:
 
     Samples are dicts with ``__key__`` and one entry per extension (``png``, ``txt``, ``cls``,
     ``json``; PIL images are encoded). Everything goes to ``<out_dir>.partial`` first; on a
-    clean exit the old ``out_dir`` is replaced in one rename.
+    clean exit the old ``out_dir`` is replaced in one rename. A failed write (disk full) raises
+    a :class:`DataError` naming the shard and the fix, removes the partial directory and leaves
+    the previous ``out_dir`` as it was. ``<out_dir>.lock`` is held meanwhile, so a concurrent
+    writer of the same dataset waits (see :func:`clipshift.io_utils.output_lock`).
     """
 
     out_dir: Path
@@ -102,14 +107,23 @@ class ShardWriter:
     _tar: tarfile.TarFile | None = field(init=False, default=None)
     _in_shard: int = field(init=False, default=0)
     _keys: set[str] = field(init=False, default_factory=set)
+    _lock: contextlib.ExitStack = field(init=False, default_factory=contextlib.ExitStack)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
         self._partial = self.out_dir.with_name(self.out_dir.name + ".partial")
 
     def __enter__(self) -> ShardWriter:
-        shutil.rmtree(self._partial, ignore_errors=True)
-        self._partial.mkdir(parents=True)
+        # One writer per dataset at a time: a second run (another pipeline on the same output
+        # directory) waits here rather than sharing, and wiping, our .partial directory.
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(output_lock(self.out_dir))
+        try:
+            shutil.rmtree(self._partial, ignore_errors=True)
+            self._partial.mkdir(parents=True)
+        except OSError as exc:
+            self._lock.close()
+            raise self._write_error(exc, self._partial) from exc
         self.info.shards = []
         self.info.num_samples = 0
         return self
@@ -123,14 +137,21 @@ class ShardWriter:
         if key in self._keys:
             raise DataError(f"duplicate sample key '{key}' in dataset '{self.info.name}'")
         self._keys.add(key)
-        if self._tar is None or self._in_shard >= self.shard_size:
-            self._close_shard()
-            name = f"shard-{len(self.info.shards):06d}.tar"
-            self.info.shards.append(ShardInfo(file=name, sha256="", num_samples=0))
-            self._tar = tarfile.open(self._partial / name, "w", format=tarfile.USTAR_FORMAT)
-        for ext, value in sample.items():
-            if ext != "__key__" and value is not None:
-                _add_member(self._tar, f"{key}.{ext}", _member_bytes(ext, value))
+        payloads = [
+            (f"{key}.{ext}", _member_bytes(ext, value))
+            for ext, value in sample.items()
+            if ext != "__key__" and value is not None
+        ]
+        try:
+            if self._tar is None or self._in_shard >= self.shard_size:
+                self._close_shard()
+                name = f"shard-{len(self.info.shards):06d}.tar"
+                self.info.shards.append(ShardInfo(file=name, sha256="", num_samples=0))
+                self._tar = tarfile.open(self._partial / name, "w", format=tarfile.USTAR_FORMAT)
+            for member, payload in payloads:
+                _add_member(self._tar, member, payload)
+        except OSError as exc:  # disk full, quota, I/O error: name the shard and the fix
+            raise self._write_error(exc, self._partial / self.info.shards[-1].file) from exc
         self._in_shard += 1
         self.info.shards[-1].num_samples += 1
         self.info.num_samples += 1
@@ -151,14 +172,29 @@ class ShardWriter:
         self._tar, self._in_shard = None, 0
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            if self._tar is not None:
+        with self._lock:
+            if exc_type is not None:
+                self._discard()
+                return
+            try:
+                self._close_shard()
+                (self._partial / INFO_FILE).write_text(self.info.model_dump_json(indent=2))
+                publish_dir(self._partial, self.out_dir)
+            except OSError as err:
+                self._discard()
+                raise self._write_error(err, self._partial) from err
+
+    def _discard(self) -> None:
+        """Drop the unfinished dataset; the published one (if any) is untouched."""
+        if self._tar is not None:
+            with contextlib.suppress(OSError):  # closing writes the end blocks: may fail too
                 self._tar.close()
-            shutil.rmtree(self._partial, ignore_errors=True)
-            return
-        self._close_shard()
-        (self._partial / INFO_FILE).write_text(self.info.model_dump_json(indent=2))
-        publish_dir(self._partial, self.out_dir)
+            self._tar = None
+        shutil.rmtree(self._partial, ignore_errors=True)
+
+    def _write_error(self, exc: OSError, path: Path) -> DataError:
+        what = f"dataset '{self.info.name}' shard"
+        return DataError(write_error_message(exc, path, what))
 
 
 def publish_dir(partial: Path, final: Path) -> None:
@@ -167,7 +203,12 @@ def publish_dir(partial: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
-    partial.rename(final)
+    try:
+        partial.rename(final)
+    except OSError:
+        if old.exists() and not final.exists():
+            old.rename(final)  # put the previous dataset back
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -29,6 +29,7 @@ from clipshift.errors import ConfigError, DataError
 
 REMOTE_SCHEMES = ("s3", "http", "https")
 DEFAULT_S3_ATTEMPTS = 5
+SERVER_ERROR_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "500", "502", "503", "504")
 HTTP_TIMEOUT_S = 60
 
 
@@ -187,8 +188,26 @@ def s3_error(exc: Exception, bucket: str, key: str | None) -> DataError:
                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), the bucket policy, "
                 f"and that {_endpoint_hint()} is the store you mean"
             )
+        if code in SERVER_ERROR_CODES or _http_status(exc) >= 500:
+            return DataError(
+                f"the S3 {_endpoint_hint()} kept failing (HTTP {_http_status(exc) or code}) for "
+                f"{target} (bucket '{bucket}', key '{key or ''}') through "
+                f"{_attempts(exc)} attempts with backoff; the store is down or overloaded: retry "
+                "later, or allow more attempts with AWS_MAX_ATTEMPTS"
+            )
         return DataError(f"S3 request for {target} failed ({code}: {exc}); check the uri")
     return DataError(f"S3 request for {target} failed ({type(exc).__name__}: {exc})")
+
+
+def _http_status(exc: Exception) -> int:
+    response = getattr(exc, "response", None) or {}
+    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def _attempts(exc: Exception) -> int | str:
+    response = getattr(exc, "response", None) or {}
+    retries = response.get("ResponseMetadata", {}).get("RetryAttempts")
+    return retries + 1 if isinstance(retries, int) else "several"
 
 
 def _is_connection_error(exc: Exception) -> bool:
