@@ -8,8 +8,9 @@ init --no-scm``, its own ``mlflow.db`` and ``PREFECT_HOME``), so the real reposi
 and its tracking store are never touched. Each side is a fresh process, timed from launch to
 exit (interpreter start and imports included on both sides):
 
-- ours: ``dvc repro --force --single-item validate`` (what a user runs; Prefect starts its
-  temporary server because no ``PREFECT_API_URL`` is set, as on a laptop);
+- ours: ``dvc repro --force --single-item validate`` (what a user runs; no
+  ``PREFECT_API_URL`` is set, as on a laptop, so the stage starts Prefect's temporary server:
+  ``clipshift.prefect_server``);
 - peer: ``python -c 'run_validate(load_params().validate_)'`` (the bare library call);
 - also timed: ``clipshift validate`` alone (Prefect + MLflow, no DVC), and a no-op
   ``dvc repro validate`` (nothing changed: DVC only checks hashes; target ≤ 3 s);
@@ -17,6 +18,8 @@ exit (interpreter start and imports included on both sides):
   (the deployed set-up, as ``infra/local/up.sh`` starts it).
 
 ratio = orchestrated / plain wall time (lower is better; target ≤ 1.10, i.e. ≤ 10 % overhead).
+Each side's CPU seconds (user + sys of the process tree) are recorded too (``cpu_*``): on a
+shared machine they move far less with the load than wall time does.
 
     .venv/bin/python bench/bench_orchestration.py [--repeats 3] [--prefect-server]
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -137,6 +141,40 @@ def stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + sys) of every finished, waited-for descendant so far: dvc, the stage
+    process and the Prefect server it stops and waits for all count."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_recorder(cpu: dict[str, list[float]]):
+    """Wrap a side so that its CPU seconds land in ``cpu[name]`` next to its wall time."""
+
+    def wrap(name: str, side):
+        def run(i: int) -> float:
+            before = children_cpu_s()
+            wall = side(i)
+            cpu.setdefault(name, []).append(children_cpu_s() - before)
+            return wall
+
+        return run
+
+    return wrap
+
+
+def cpu_summary(cpu: dict[str, list[float]], ours: str, peer: str = "plain") -> dict[str, Any]:
+    """Median CPU seconds per side and the CPU overhead: unlike wall time, it hardly depends
+    on what else the shared machine runs, and it is what a busy machine pays."""
+    medians = {name: C.median(values) for name, values in cpu.items()}
+    return {
+        "cpu_s": medians,
+        "cpu_runs": cpu,
+        "cpu_overhead_s": medians[ours] - medians[peer],
+        "cpu_ratio": medians[ours] / medians[peer],
+    }
+
+
 def compare(args) -> dict[str, Any]:
     repo = make_copy(args.workdir)
     env = stage_env(repo, args.threads)
@@ -150,10 +188,12 @@ def compare(args) -> dict[str, Any]:
     forced = [dvc, "repro", "--force", "--single-item", STAGE]
     # warm-up: first import of everything, DVC's hash cache of data/fetch, MLflow's schema
     timed(forced)
+    cpu: dict[str, list[float]] = {}
+    with_cpu = cpu_recorder(cpu)
     sides = {
-        "dvc_repro": lambda i: timed(forced),
-        "plain": lambda i: timed([str(C.OURS_PYTHON), "-c", PLAIN]),
-        "cli": lambda i: timed([str(bin_dir() / "clipshift"), STAGE]),
+        "dvc_repro": with_cpu("dvc_repro", lambda i: timed(forced)),
+        "plain": with_cpu("plain", lambda i: timed([str(C.OURS_PYTHON), "-c", PLAIN])),
+        "cli": with_cpu("cli", lambda i: timed([str(bin_dir() / "clipshift"), STAGE])),
     }
     load_start = C.machine_info()["load_average"]
     values = C.alternate(sides, args.repeats, C.say)
@@ -179,7 +219,8 @@ def compare(args) -> dict[str, Any]:
         cli_runs=values["cli"],
         cli_overhead_s=C.median(values["cli"]) - plain,
         dvc_share_s=orchestrated - C.median(values["cli"]),
-        prefect_mode="temporary server per process (no PREFECT_API_URL)",
+        prefect_mode="temporary server per process (no PREFECT_API_URL), started at launch",
+        **cpu_summary(cpu, "dvc_repro"),
         noop_dvc_repro_s=C.median(noop),
         noop_dvc_repro_runs=noop,
         noop_spread=C.spread(noop),
@@ -200,10 +241,12 @@ def server_variant(args, repo: Path, values, timed, forced) -> dict[str, Any]:
     try:
         env = stage_env(repo, args.threads, url)
         timed(forced, env)  # warm-up: the server's first flow run creates its tables' rows
+        cpu: dict[str, list[float]] = {}
+        with_cpu = cpu_recorder(cpu)
         runs = C.alternate(
             {
-                "dvc_repro_server": lambda i: timed(forced, env),
-                "plain": lambda i: timed([str(C.OURS_PYTHON), "-c", PLAIN]),
+                "dvc_repro_server": with_cpu("dvc_repro_server", lambda i: timed(forced, env)),
+                "plain": with_cpu("plain", lambda i: timed([str(C.OURS_PYTHON), "-c", PLAIN])),
             },
             args.repeats,
             C.say,
@@ -211,7 +254,9 @@ def server_variant(args, repo: Path, values, timed, forced) -> dict[str, Any]:
     finally:
         stop(server)
     ours, plain = C.median(runs["dvc_repro_server"]), C.median(runs["plain"])
+    server_cpu = cpu_summary(cpu, "dvc_repro_server")  # the server's own CPU is not counted
     return {
+        **{f"server_{key}": value for key, value in server_cpu.items()},
         "server_dvc_repro_s": ours,
         "server_plain_s": plain,
         "server_ratio": ours / plain,
@@ -227,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     path = C.write_result(NAME, result, args.results_dir)
     print(C.summary_line(NAME, result))
     print(
-        f"overhead {result['overhead_s']:.1f} s ({result['overhead_pct']:.0f} %); "
+        f"overhead {result['overhead_s']:.1f} s ({result['overhead_pct']:.0f} %), "
+        f"{result['cpu_overhead_s']:.1f} CPU s; "
         f"no-op dvc repro {result['noop_dvc_repro_s']:.2f} s"
         + (
             f"; with a Prefect server: ratio {result['server_ratio']:.3f} "

@@ -2,6 +2,8 @@
 
 DVC stage commands call this. Errors clipshift raises on purpose (bad params, missing data,
 failed validation) print one clear message and exit with status 2, without a traceback.
+Without a configured Prefect API, a stage starts Prefect's temporary server first thing, so
+that its start-up overlaps the stage's imports (see clipshift.prefect_server).
 """
 
 from __future__ import annotations
@@ -40,22 +42,47 @@ def _flow_for(stage: str) -> Callable:
     return getattr(module, f"{stage}_flow")
 
 
+def _warm_up_tracking() -> None:
+    """Import MLflow and open a local store (SQLite schema check, ~1 s) while the temporary
+    Prefect server starts: the stage's run then opens on the cached store. A server store is
+    left alone (its client is cheap, and an outage must fail inside the flow run)."""
+    from clipshift import tracking
+
+    if not tracking._is_local_store(tracking.tracking_uri()):
+        return
+    try:
+        tracking._client().get_experiment_by_name(tracking.EXPERIMENT)
+    except Exception:  # noqa: BLE001 - the stage's own run reports any store problem
+        return
+
+
 def run_stage(stage: str, params_path: str, pool: str | None = None) -> object:
+    from clipshift import prefect_server
+
+    server = prefect_server.start_early()  # starts up while the rest below imports
     from clipshift.config import load_params
 
     params = load_params(params_path)  # the whole file: a typo anywhere fails before any work
+    config = None if stage == "pipeline" else getattr(params, _config_name(stage))
+    if stage == "pretrain" and pool is not None and pool not in config.pools:
+        raise ClipshiftError(
+            f"pool '{pool}' is not in pretrain.pools {config.pools}; add it in params.yaml"
+        )
+    flow = _flow_for(stage)
+    if server is not None:
+        _warm_up_tracking()
+        server.wait_until_ready()
     if stage == "pipeline":
-        return _flow_for(stage)(params=params)
-    config = getattr(params, "validate_" if stage == "validate" else stage)
+        return flow(params=params)
     if stage == "pretrain" and pool is not None:
-        if pool not in config.pools:
-            raise ClipshiftError(
-                f"pool '{pool}' is not in pretrain.pools {config.pools}; add it in params.yaml"
-            )
-        return _flow_for(stage)(config=config, pool=pool)
+        return flow(config=config, pool=pool)
     if stage == "scaling":
-        return _flow_for(stage)(config=config, pretrain=params.pretrain)
-    return _flow_for(stage)(config=config)
+        return flow(config=config, pretrain=params.pretrain)
+    return flow(config=config)
+
+
+def _config_name(stage: str) -> str:
+    return "validate_" if stage == "validate" else stage
 
 
 def build_parser() -> argparse.ArgumentParser:
