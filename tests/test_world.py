@@ -25,6 +25,7 @@ from clipshift.data.world.build import (
     GROUP_CAPS,
     class_group,
     emoji_universe,
+    pool_universe,
 )
 from clipshift.data.world.captions import load_catalog, make_caption
 from clipshift.data.world.render import render
@@ -219,6 +220,23 @@ def test_class_choice_is_seeded_distinct_and_spread(tmp_path):
     assert not any("clock" in catalog[k].name or "button" in catalog[k].name for k in first)
     with pytest.raises(DataError, match="num_classes"):
         select_classes(universe, catalog, len(universe) + 1, seed=0)
+
+
+def test_pool_universe_keeps_every_task_class_and_is_seeded():
+    universe = [f"e{i:04d}" for i in range(1000)]
+    classes = universe[::100]  # 10 task classes spread over the universe
+    small = pool_universe(universe, classes, 50, seed=0)
+    assert len(small) == 50 and set(classes) <= set(small)
+    assert small == [k for k in universe if k in set(small)]  # universe order kept
+    assert small == pool_universe(universe, classes, 50, seed=0)
+    assert small != pool_universe(universe, classes, 50, seed=1)
+    assert pool_universe(universe, classes, None, seed=0) == universe
+    assert pool_universe(universe, classes, 5000, seed=0) == universe
+
+
+def test_pool_universe_below_the_task_is_a_config_error():
+    with pytest.raises(ValueError, match="pool_universe=50 is below num_classes=100"):
+        FetchConfig.model_validate({"world": {"num_classes": 100, "pool_universe": 50}})
 
 
 def test_render_styles(tmp_path):

@@ -37,7 +37,8 @@ def tiny_params() -> dict[str, Any]:
         "finetune": {
             "e2e_epochs": 1,
             "e2e_batch_size": 16,
-            "soup_lrs": [3e-4, 1e-4],
+            "e2e_lr": 3e-4,
+            "soup_lrs": [1e-4],
             "linear_epochs": 20,
             "knn_k": 3,
             "baselines": [

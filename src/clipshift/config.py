@@ -105,6 +105,13 @@ class WorldConfig(StrictModel):
     pool_size: int = Field(
         12000, ge=10, le=10_000_000, description="Image-caption pairs in each pretraining pool."
     )
+    pool_universe: int | None = Field(
+        200,
+        ge=2,
+        le=100_000,
+        description="Distinct emoji the pools (and retrieval) draw from: the task classes plus "
+        "a seeded sample of others; null = every emoji all styles can draw.",
+    )
     diverse_styles: list[Style] = Field(
         default_factory=lambda: ["twemoji", "openmoji", "noto", "noto_line", "fluent_line"],
         description="Styles mixed in the 'diverse' pool.",
@@ -129,6 +136,11 @@ class WorldConfig(StrictModel):
             )
         if not self.diverse_styles or not self.narrow_styles:
             raise ValueError("fetch.world.diverse_styles and narrow_styles must not be empty")
+        if self.pool_universe is not None and self.pool_universe < self.num_classes:
+            raise ValueError(
+                f"fetch.world.pool_universe={self.pool_universe} is below num_classes="
+                f"{self.num_classes}; the pools must cover every task class (raise it or null)"
+            )
         return self
 
 
@@ -238,7 +250,7 @@ class PretrainConfig(TrainLoopConfig):
         description="Pools to pretrain on; one model each (the data-centric experiment).",
     )
     model: str = Field(
-        "clipshift-vit-tiny",
+        "clipshift-vit-tiny-p8",
         description="open_clip architecture name, or a path to a model config JSON.",
     )
     init_checkpoint: str | None = Field(
@@ -316,12 +328,20 @@ class FinetuneConfig(StrictModel):
         default_factory=lambda: list(DEFAULT_TEMPLATES),
         description="Prompt templates ('{}' is the class name) ensembled for the zero-shot head.",
     )
-    e2e_epochs: int = Field(4, ge=1, le=1000, description="End-to-end fine-tuning epochs.")
-    e2e_lr: float = Field(3e-4, gt=0, le=1)
+    e2e_epochs: int = Field(8, ge=1, le=1000, description="End-to-end fine-tuning epochs.")
+    e2e_lr: float = Field(1e-3, gt=0, le=1, description="LR of the main end-to-end fine-tune.")
+    e2e_head_lr_scale: float = Field(
+        10.0,
+        gt=0,
+        le=10000,
+        description="The head learns at e2e_lr times this: a weak zero-shot head must move "
+        "faster than the tower, or fine-tuning distorts the features to fit it.",
+    )
     e2e_batch_size: int = Field(64, ge=1, le=65536)
     soup_lrs: list[float] = Field(
-        default_factory=lambda: [3e-4, 1e-4],
-        description="One end-to-end fine-tune per entry (the first is the main one); soup inputs.",
+        default_factory=lambda: [5e-4],
+        description="Extra end-to-end fine-tunes (one per LR, each its own seed) that join the "
+        "main one as soup ingredients.",
     )
     linear_epochs: int = Field(200, ge=1, le=100000, description="Full-batch linear-probe steps.")
     linear_lr: float = Field(1e-2, gt=0, le=10)

@@ -144,6 +144,7 @@ def finetune_end_to_end(
     *,
     epochs: int,
     lr: float,
+    head_lr_scale: float = 1.0,
     batch_size: int = 64,
     weight_decay: float = 0.1,
     warmup_fraction: float = 0.1,
@@ -157,7 +158,9 @@ def finetune_end_to_end(
 ) -> ImageClassifier:
     """Train every parameter of ``clf`` (tower + head) on ``train`` with cross-entropy.
 
-    AdamW + linear warmup (``warmup_fraction`` of the steps) + cosine decay, batches shuffled
+    AdamW + linear warmup (``warmup_fraction`` of the steps) + cosine decay; the head learns at
+    ``lr * head_lr_scale`` (a head far from the task's, like a weak zero-shot head, must move
+    fast or the tower distorts its features to fit it). Batches are shuffled
     by a generator seeded with ``seed`` (so a run is reproducible on one device). Logs
     ``<log_prefix>/loss`` per step and ``<log_prefix>/val_accuracy`` per epoch. Returns
     ``clf`` (trained in place, in eval mode).
@@ -177,7 +180,10 @@ def finetune_end_to_end(
     clf.to(device).train()
     model = _ddp(clf, device)
     size = clf.visual.image_size[0] if hasattr(clf.visual, "image_size") else None
-    optimizer = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=weight_decay)
+    head = list(clf.head.parameters())
+    tower = [p for p in clf.parameters() if all(p is not h for h in head)]
+    groups = [{"params": tower, "lr": lr}, {"params": head, "lr": lr * head_lr_scale}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(total, int(warmup_fraction * total))
     )
@@ -496,9 +502,9 @@ def _linear_and_knn(st: _Stage, pool: str, zs: ImageClassifier, meta: dict) -> N
 
 
 def _end_to_end(st: _Stage, pool: str, zs: ImageClassifier, meta: dict) -> None:
-    """One fine-tune per ``soup_lrs`` entry (seed + i); the first is the main model."""
+    """The main fine-tune (``e2e_lr``), then one per ``soup_lrs`` entry (seed + i)."""
     cfg = st.cfg
-    for i, lr in enumerate(cfg.soup_lrs):
+    for i, lr in enumerate([cfg.e2e_lr, *cfg.soup_lrs]):
         t0 = time.perf_counter()
         clf = copy.deepcopy(zs)
         finetune_end_to_end(
@@ -507,6 +513,7 @@ def _end_to_end(st: _Stage, pool: str, zs: ImageClassifier, meta: dict) -> None:
             st.val,
             epochs=cfg.e2e_epochs,
             lr=lr,
+            head_lr_scale=cfg.e2e_head_lr_scale,
             batch_size=cfg.e2e_batch_size,
             seed=cfg.seed + i,
             tracker=st.tracker,

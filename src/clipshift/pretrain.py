@@ -56,7 +56,7 @@ from clipshift.config import PretrainConfig
 from clipshift.data import loaders
 from clipshift.data.shards import load_info
 from clipshift.errors import CheckpointError, ConfigError
-from clipshift.io_utils import write_json_atomic
+from clipshift.io_utils import output_lock, write_json_atomic
 from clipshift.models import ClipBundle, create_clip
 from clipshift.tracking_api import NullTracker, Tracker
 
@@ -683,8 +683,11 @@ def run_pretrain(
     trainer = Pretrainer(cfg, pool, tracker or NullTracker(), progress, hooks)
     if trainer.device.type == "cpu":
         T.set_threads(trainer.dist.local_world_size)
+    # Two runs on one output folder would interleave resume checkpoints: the second waits.
+    lock = output_lock(run_path(cfg, pool)) if trainer.dist.is_main else contextlib.nullcontext()
     try:
-        return trainer.run()
+        with lock:
+            return trainer.run()
     finally:
         torch.set_num_threads(previous_threads)
 

@@ -247,6 +247,23 @@ def caption_plan(
     return DatasetPlan(name, role, list(styles), samples, labelled=False)
 
 
+def pool_universe(
+    universe: list[str], classes: list[str], size: int | None, seed: int
+) -> list[str]:
+    """The emoji the pools draw from: every task class, then a seeded sample of the others.
+
+    A smaller universe gives each concept more pretraining samples (as web data covers common
+    concepts many times); the task classes are always in it, so zero-shot is well-posed.
+    """
+    if size is None or size >= len(universe):
+        return universe
+    chosen = set(classes)
+    others = [k for k in universe if k not in chosen]
+    order = rng_for(seed, "pool-universe").permutation(len(others))
+    chosen |= {others[i] for i in order[: size - len(classes)]}
+    return [k for k in universe if k in chosen]
+
+
 def world_plan(
     world: WorldConfig,
     seed: int,
@@ -255,6 +272,7 @@ def world_plan(
     catalog: dict[str, EmojiMeta],
 ) -> list[DatasetPlan]:
     ref = world.reference_style
+    universe = pool_universe(universe, classes, world.pool_universe, seed)
     plans = [
         labelled_plan("train", "train", ref, classes, world.train_per_class, seed),
         labelled_plan("val", "val", ref, classes, world.val_per_class, seed),
@@ -423,6 +441,9 @@ def build_world(
             "reference_style": world.reference_style,
             "shift_styles": list(world.shift_styles),
             "universe_size": len(universe),
+            "pool_universe_size": len(
+                pool_universe(universe, classes_keys, world.pool_universe, seed)
+            ),
         },
         "datasets": {name: info.model_dump() for name, info in datasets.items()},
         "styles": style_infos(lib, world),

@@ -100,6 +100,13 @@ def contact_sheet(
     return sheet
 
 
+def _pool_universe_text(task: dict[str, Any]) -> str:
+    size = task.get("pool_universe_size", task["universe_size"])
+    if size >= task["universe_size"]:
+        return "every emoji of the universe"
+    return f"{size} emoji (every task class plus a seeded sample of the others)"
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows]
@@ -150,7 +157,7 @@ def card_markdown(result: dict[str, Any], cfg: FetchConfig) -> str:
         "Labelled sets (`train`, `val`, `test`, `shift-*`) hold `png`, `cls` (index into the "
         "class list), `txt` (class name) and `json` (emoji, codepoint, name, style, split, "
         "seed, augmentation parameters). Pools and `retrieval` hold `png`, `txt` (a caption) "
-        "and `json`. Pools cover every emoji of the universe, not only task classes; "
+        "and `json`. Pools draw from " + _pool_universe_text(task) + ", not only task classes; "
         "`pool-diverse` mixes its styles uniformly, `pool-narrow` uses only its own. Both "
         "pools share their emoji order and caption draws (sample i shows the same emoji in "
         "both), so they differ in image distribution only. "
