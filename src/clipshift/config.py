@@ -256,7 +256,7 @@ class PretrainConfig(TrainLoopConfig):
     init_checkpoint: str | None = Field(
         None, description="Start from this open_clip checkpoint (path or s3://) instead of scratch."
     )
-    samples: int = Field(60000, ge=1, description="Training samples seen (sets the step count).")
+    samples: int = Field(80000, ge=1, description="Training samples seen (sets the step count).")
     gather_with_grad: bool = Field(False, description="DDP: backprop through gathered features.")
     local_loss: bool = Field(False, description="DDP: loss against local rows only.")
     max_rollbacks: int = Field(3, ge=0, description="Loss-spike rollbacks before giving up.")
@@ -328,7 +328,7 @@ class FinetuneConfig(StrictModel):
         default_factory=lambda: list(DEFAULT_TEMPLATES),
         description="Prompt templates ('{}' is the class name) ensembled for the zero-shot head.",
     )
-    e2e_epochs: int = Field(8, ge=1, le=1000, description="End-to-end fine-tuning epochs.")
+    e2e_epochs: int = Field(16, ge=1, le=1000, description="End-to-end fine-tuning epochs.")
     e2e_lr: float = Field(1e-3, gt=0, le=1, description="LR of the main end-to-end fine-tune.")
     e2e_head_lr_scale: float = Field(
         10.0,

@@ -54,7 +54,7 @@ from clipshift.checkpoints import (
 )
 from clipshift.config import PretrainConfig
 from clipshift.data import loaders
-from clipshift.data.shards import load_info
+from clipshift.data.shards import dataset_fingerprint, load_info
 from clipshift.errors import CheckpointError, ConfigError
 from clipshift.io_utils import output_lock, write_json_atomic
 from clipshift.models import ClipBundle, create_clip
@@ -244,6 +244,7 @@ class Pretrainer:
         self.cfg, self.pool, self.tracker, self.hooks = cfg, pool, tracker, hooks or TrainHooks()
         self.progress = progress
         load_info(pool_path(cfg, pool))  # fail fast, naming the fix, if fetch has not run
+        self.pool_fingerprint = dataset_fingerprint(pool_path(cfg, pool))
         self.dist = D.init_distributed(cfg.device)
         self.device = self.dist.device
         T.check_precision(cfg.precision, self.device)
@@ -305,6 +306,7 @@ class Pretrainer:
             "train_time_s": self.train_time,
             "config": self.cfg.model_dump(mode="json"),
             "pool": self.pool,
+            "pool_fingerprint": self.pool_fingerprint,
             "model_name": self.bundle.name,
             "model_config": self.bundle.config,
             "threads": torch.get_num_threads(),
@@ -328,6 +330,9 @@ class Pretrainer:
         saved = state.get("config", {})
         now = self.cfg.model_dump(mode="json")
         diff = {k: (saved.get(k), now[k]) for k in RESUME_MUST_MATCH if saved.get(k) != now[k]}
+        before = state.get("pool_fingerprint")
+        if before and self.pool_fingerprint and before != self.pool_fingerprint:
+            diff["pool data"] = (before, self.pool_fingerprint)  # fetch re-made the pool
         if diff or state.get("pool") != self.pool:
             raise CheckpointError(
                 f"resume checkpoint {path} was written by a different run "

@@ -292,8 +292,16 @@ def shared_pools() -> Iterator[None]:
 # one grid point: train (or reuse), evaluate (or reuse)
 
 
-def _spec(pcfg: PretrainConfig, model_path: Path) -> dict[str, Any]:
-    return {"pretrain": pcfg.model_dump(mode="json"), "model_config": read_json(model_path)}
+def _spec(pcfg: PretrainConfig, model_path: Path, pool: str) -> dict[str, Any]:
+    """What a finished run was made from: settings, architecture and the pool's contents."""
+    from clipshift.data.shards import dataset_fingerprint
+    from clipshift.pretrain import pool_path
+
+    return {
+        "pretrain": pcfg.model_dump(mode="json"),
+        "model_config": read_json(model_path),
+        "pool_fingerprint": dataset_fingerprint(pool_path(pcfg, pool)),
+    }
 
 
 def _finished(rdir: Path) -> bool:
@@ -354,7 +362,7 @@ def train_and_evaluate(
     name = f"scaling-{pool}-{run_name(point)}"
     tags = {"clipshift.pool": pool, "clipshift.scaling_run": run_name(point)}
     with run_tracker(tracker, name, tags) as child:
-        _prepare_run_dir(rdir, _spec(pcfg, model_path))
+        _prepare_run_dir(rdir, _spec(pcfg, model_path, pool))
         reused = _finished(rdir)
         child.set_tags({"clipshift.reused": str(reused).lower()})
         if reused:

@@ -212,6 +212,17 @@ def publish_dir(partial: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def dataset_fingerprint(dataset_dir: str | Path) -> str | None:
+    """A short hash of a dataset's shard contents (from dataset.json); None if it has none.
+
+    Lets resumable work (pretraining, scaling runs) tell that its data changed underneath it.
+    """
+    if not (Path(dataset_dir) / INFO_FILE).exists():
+        return None
+    shards = [f"{s.file}:{s.sha256}:{s.num_samples}" for s in load_info(dataset_dir).shards]
+    return hashlib.sha256("\n".join(shards).encode()).hexdigest()[:16]
+
+
 def load_info(dataset_dir: str | Path) -> DatasetInfo:
     path = Path(dataset_dir) / INFO_FILE
     if not path.exists():
