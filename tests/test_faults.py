@@ -47,12 +47,11 @@ from clipshift.data.ingest import MAX_CAPTION_CHARS, fetch_source
 from clipshift.data.shards import DatasetInfo, ShardWriter, iter_dataset, load_info, sha256_file
 from clipshift.data.sources import materialise, parse_uri, s3_client
 from clipshift.errors import CheckpointError, ClipshiftError, ConfigError, DataError
-from clipshift.models import tiny_vit_config
 from clipshift.pretrain import TrainHooks, run_pretrain
 from clipshift.tracking_api import RecordingTracker
 from tests.s3_server import DUMMY_CREDS, free_port, run_moto_server, use_s3_endpoint
 from tests.test_loaders import build_pool
-from tests.tiny import ART_CACHE, TINY_WORLD
+from tests.tiny import ART_CACHE, TINY_WORLD, toy_pretrain_cfg, toy_pretrain_world
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -177,29 +176,11 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, monkeypatch, point):
 
 @pytest.fixture(scope="module")
 def pool_world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("faults-pool")
-    build_pool(root, n=64, name="pool-toy")
-    config = tiny_vit_config(32, 1, patch_size=8, context_length=16)
-    (root / f"{MODEL}.json").write_text(json.dumps(config))
-    return root
+    return toy_pretrain_world(tmp_path_factory.mktemp("faults-pool"), MODEL)
 
 
 def pretrain_cfg(world: Path, out: Path, **kw) -> PretrainConfig:
-    base = dict(
-        data_dir=str(world),
-        out_dir=str(out),
-        pools=["toy"],
-        model=str(world / f"{MODEL}.json"),
-        batch_size=32,
-        samples=32 * 8,
-        lr=2e-3,
-        warmup_steps=2,
-        log_every=1,
-        checkpoint_every=3,
-        seed=0,
-        workers=0,
-    )
-    return PretrainConfig(**{**base, **kw})
+    return toy_pretrain_cfg(world, out, MODEL, **{"workers": 0, **kw})
 
 
 def test_disk_full_during_pretraining_keeps_the_last_checkpoint(pool_world, tmp_path, monkeypatch):

@@ -20,10 +20,9 @@ from clipshift import train_utils as T
 from clipshift.checkpoints import latest_checkpoint, load_checkpoint
 from clipshift.config import PretrainConfig
 from clipshift.errors import CheckpointError, ConfigError
-from clipshift.models import tiny_vit_config
 from clipshift.pretrain import TrainHooks, run_pretrain
 from clipshift.tracking_api import RecordingTracker
-from tests.test_loaders import build_pool
+from tests.tiny import toy_pretrain_cfg, toy_pretrain_world
 
 MODEL = "clipshift-test-pt-w32"
 REPO = Path(__file__).resolve().parents[1]
@@ -40,28 +39,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pretrain")
-    build_pool(root, n=64, name="pool-toy")
-    config = tiny_vit_config(32, 1, patch_size=8, context_length=16)
-    (root / f"{MODEL}.json").write_text(json.dumps(config))
-    return root
+    return toy_pretrain_world(tmp_path_factory.mktemp("pretrain"), MODEL)
 
 
 def make_cfg(world: Path, out: Path, **kw) -> PretrainConfig:
-    base = dict(
-        data_dir=str(world),
-        out_dir=str(out),
-        pools=["toy"],
-        model=str(world / f"{MODEL}.json"),
-        batch_size=32,
-        samples=32 * 8,
-        lr=2e-3,
-        warmup_steps=2,
-        log_every=1,
-        checkpoint_every=3,
-        seed=0,
-    )
-    return PretrainConfig(**{**base, **kw})
+    return toy_pretrain_cfg(world, out, MODEL, **{**kw})
 
 
 def final_state(out: Path) -> dict[str, torch.Tensor]:

@@ -81,3 +81,36 @@ def copy_sample_into(data_dir: str, source: str, target: str) -> str:
     with ShardWriter(Path(data_dir) / target, info, shard_size=10_000) as writer:
         writer.write_all(rows)
     return leaked["__key__"]
+
+
+def toy_pretrain_world(root: Path, model: str, n: int = 64) -> Path:
+    """A 64-pair pool ``pool-toy`` and a 1-layer, 32-wide ViT config ``<model>.json`` in root."""
+    import json
+
+    from clipshift.models import tiny_vit_config
+    from tests.test_loaders import build_pool
+
+    build_pool(root, n=n, name="pool-toy")
+    config = tiny_vit_config(32, 1, patch_size=8, context_length=16)
+    (root / f"{model}.json").write_text(json.dumps(config))
+    return root
+
+
+def toy_pretrain_cfg(world: Path, out: Path, model: str, **overrides: Any):
+    """Pretraining on ``toy_pretrain_world``: 8 steps of 32, a resume checkpoint every 3."""
+    from clipshift.config import PretrainConfig
+
+    base = dict(
+        data_dir=str(world),
+        out_dir=str(out),
+        pools=["toy"],
+        model=str(world / f"{model}.json"),
+        batch_size=32,
+        samples=32 * 8,
+        lr=2e-3,
+        warmup_steps=2,
+        log_every=1,
+        checkpoint_every=3,
+        seed=0,
+    )
+    return PretrainConfig(**{**base, **overrides})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -196,3 +197,25 @@ def launch_torchrun(module: str, config: Any, extra_args: list[str] | None = Non
         raise ClipshiftError(
             f"torchrun {stage} failed (exit {proc.returncode}); the ranks' errors are above"
         )
+
+
+def run_on_rank(run: Callable[[], Any], report: Callable[[Any], Any]) -> int:
+    """The body of a stage's torchrun entry point, the same on every rank: join the group,
+    split the cores between the local ranks, ``run()``, and print ``report(result)`` on rank 0.
+    The thread count and the process group are restored and left whatever happens."""
+    import torch
+
+    from clipshift import train_utils as T
+
+    previous_threads = torch.get_num_threads()
+    try:
+        dist = init_distributed("auto")
+        if dist.device.type == "cpu":
+            T.set_threads(dist.local_world_size)  # ranks share the cores, not oversubscribe
+        result = run()
+        if dist.is_main:
+            print(report(result))
+    finally:
+        torch.set_num_threads(previous_threads)
+        cleanup()
+    return 0

@@ -512,25 +512,15 @@ def log_summary_metrics(tracker: Tracker, summary: Mapping[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from clipshift import train_utils as T
-
     parser = argparse.ArgumentParser(description="clipshift evaluate stage (one rank)")
     parser.add_argument("--config-json", required=True, help="an EvaluateConfig as JSON")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     cfg = EvaluateConfig.model_validate_json(Path(args.config_json).read_text())
-    previous_threads = torch.get_num_threads()
-    try:
-        dist = D.init_distributed("auto")
-        if dist.device.type == "cpu":
-            T.set_threads(dist.local_world_size)
-        summary = run_evaluate(cfg, progress=not args.no_progress)
-        if dist.is_main:
-            print({mid: m["id_accuracy"] for mid, m in sorted(summary["models"].items())})
-    finally:
-        torch.set_num_threads(previous_threads)
-        D.cleanup()
-    return 0
+    return D.run_on_rank(
+        lambda: run_evaluate(cfg, progress=not args.no_progress),
+        lambda s: {mid: m["id_accuracy"] for mid, m in sorted(s["models"].items())},
+    )
 
 
 if __name__ == "__main__":

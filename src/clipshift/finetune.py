@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipshift import distributed as D
-from clipshift import train_utils as T
 from clipshift.checkpoints import load_checkpoint, save_checkpoint
 from clipshift.classifier import (
     ImageClassifier,
@@ -612,18 +611,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     cfg = FinetuneConfig.model_validate_json(Path(args.config_json).read_text())
-    previous_threads = torch.get_num_threads()
-    try:
-        dist = D.init_distributed("auto")
-        if dist.device.type == "cpu":
-            T.set_threads(dist.local_world_size)  # ranks share the cores, not oversubscribe
-        summary = run_finetune(cfg, progress=not args.no_progress)
-        if dist.is_main:
-            print({mid: m.get("val_accuracy") for mid, m in summary["models"].items()})
-    finally:
-        torch.set_num_threads(previous_threads)
-        D.cleanup()
-    return 0
+    return D.run_on_rank(
+        lambda: run_finetune(cfg, progress=not args.no_progress),
+        lambda s: {mid: m.get("val_accuracy") for mid, m in s["models"].items()},
+    )
 
 
 if __name__ == "__main__":
