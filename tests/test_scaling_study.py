@@ -162,11 +162,25 @@ def test_changed_settings_retrain_the_run(study, tmp_path):
     assert first["reused"] is False
     second = train_and_evaluate(moved, pretrain, "narrow", point, data, progress=False)
     assert second["reused"] is True
+    # a pretrain setting that cannot change the weights (logging) keeps the run
+    quiet = pretrain.model_copy(update={"log_every": 1000})
+    assert train_and_evaluate(moved, quiet, "narrow", point, data, progress=False)["reused"]
     changed = moved.model_copy(update={"lr": 5e-4})
     third = train_and_evaluate(changed, pretrain, "narrow", point, data, progress=False)
     assert third["reused"] is False
-    spec = json.loads((run_dir(moved, "narrow", point) / "scaling_run.json").read_text())
-    assert spec["pretrain"]["lr"] == 5e-4 and spec["pretrain"]["init_checkpoint"] is None
+    rdir = run_dir(moved, "narrow", point)
+    spec = json.loads((rdir / "training_spec.json").read_text())
+    assert spec["pretrain.lr"] == 5e-4 and spec["pretrain.init_sha256"] is None
+    # the lr-2e-3 run is set aside, named, not deleted
+    (aside,) = (rdir / "superseded").iterdir()
+    assert json.loads((aside / "training_spec.json").read_text())["pretrain.lr"] == moved.lr
+    assert (aside / "checkpoint.pt").exists()
+    # a changed pretrain section reaches the runs too (its optimiser knobs are theirs)
+    fourth = train_and_evaluate(
+        changed, pretrain.model_copy(update={"weight_decay": 0.0}), "narrow", point, data,
+        progress=False,
+    )  # fmt: skip
+    assert fourth["reused"] is False and len(list((rdir / "superseded").iterdir())) == 2
 
 
 def test_grid_order_cheapest_first():

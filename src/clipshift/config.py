@@ -9,7 +9,7 @@ that names the key, the value and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -243,6 +243,17 @@ class TrainLoopConfig(StrictModel):
 
 
 class PretrainConfig(TrainLoopConfig):
+    # Settings that cannot change the trained weights (clipshift.training_spec): logging,
+    # paths and the list of pools (each pool is its own run). Others enter the training spec
+    # resolved: model → its architecture, init_checkpoint → the file's sha256, device/loader →
+    # what 'auto' chose, nproc_per_node × nnodes → the world size; workers counts only for the
+    # streaming loader, whose sample order depends on it. checkpoint_every stays in: the spike
+    # guard rolls back to the last checkpoint, so it can change the weights.
+    RESULT_NEUTRAL: ClassVar[frozenset[str]] = frozenset(
+        {"log_every", "data_dir", "out_dir", "pools", "model", "init_checkpoint", "device",
+         "loader", "nproc_per_node", "nnodes", "workers"}
+    )  # fmt: skip
+
     data_dir: str = Field("data/fetch", description="Output of fetch (the pools live here).")
     out_dir: str = Field("models/pretrain", description="Checkpoints, one folder per pool.")
     pools: list[str] = Field(
@@ -320,6 +331,12 @@ def _default_baselines() -> list[BaselineSpec]:
 
 
 class FinetuneConfig(StrictModel):
+    # Paths and worker counts cannot change the models (clipshift.training_spec); the ranks
+    # enter the training spec as the world size, the pretrained models as their sha256.
+    RESULT_NEUTRAL: ClassVar[frozenset[str]] = frozenset(
+        {"data_dir", "pretrain_dir", "out_dir", "workers", "nproc_per_node", "nnodes"}
+    )
+
     data_dir: str = Field("data/fetch")
     pretrain_dir: str = Field("models/pretrain")
     out_dir: str = Field("models/finetune")

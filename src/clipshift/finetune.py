@@ -43,16 +43,19 @@ from clipshift.classifier import (
     to_model_input,
 )
 from clipshift.config import FinetuneConfig
+from clipshift.data.shards import dataset_fingerprint, sha256_file
 from clipshift.errors import CheckpointError, DataError
 from clipshift.io_utils import write_json_atomic
 from clipshift.models import ClipBundle, create_clip
 from clipshift.registry import ModelEntry, write_index
 from clipshift.tracking_api import NullTracker, Tracker
+from clipshift.training_spec import canonical, claim_run_dir, fingerprint, section_spec
 from clipshift.zeroshot import zeroshot_head
 
 KNN_FORMAT = "clipshift-knn-v1"
 KNN_TEMPERATURE = 0.07  # DINO's default; sharper than 1, softer than a hard majority vote
 PRETRAINED_FILE = "checkpoint.pt"
+SPLITS = ("train", "val")  # the data the stage trains and selects on
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,13 +417,14 @@ class _Stage:
     device: torch.device
     tracker: Tracker
     progress: bool
+    spec: dict[str, Any] = field(default_factory=dict)
     entries: list[ModelEntry] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=lambda: {"models": {}})
     main: bool = True  # under torchrun only rank 0 writes files and logs
 
     def save(self, path: str, clf: ImageClassifier, meta: dict) -> None:
         if self.main:
-            save_classifier(self.out / path, clf, meta)
+            save_classifier(self.out / path, clf, {**meta, "training_spec": self.spec})
 
     def add(self, entry: ModelEntry, seconds: float, val_accuracy: float | None) -> None:
         entry.extra.update({"train_seconds": round(seconds, 2), "val_accuracy": val_accuracy})
@@ -492,6 +496,7 @@ def _linear_and_knn(st: _Stage, pool: str, zs: ImageClassifier, meta: dict) -> N
         "visual_checkpoint": f"zeroshot-{pool}.pt",
         "num_classes": len(st.classes),
     }
+    knn_meta["training_spec"] = st.spec
     save_knn(st.out / f"knn-{pool}.pt", f_train, st.train.labels, knn_meta)
     probs = knn_predict(f_train, st.train.labels, f_val, cfg.knn_k, len(st.classes))
     entry = ModelEntry(
@@ -545,6 +550,19 @@ def _baselines(st: _Stage) -> None:
         st.add(entry, model.seconds, model.val_accuracy)
 
 
+def training_spec(cfg: FinetuneConfig, pools: Sequence[str], world_size: int) -> dict[str, Any]:
+    """Everything that determines the stage's models: its settings, the pretrained checkpoints'
+    bytes, the train/val data and the number of ranks (see :mod:`clipshift.training_spec`)."""
+    spec = section_spec("finetune", cfg)
+    pretrain_dir, data_dir = Path(cfg.pretrain_dir), Path(cfg.data_dir)
+    spec["finetune.pretrained_sha256"] = {
+        pool: sha256_file(pretrain_dir / pool / PRETRAINED_FILE) for pool in pools
+    }
+    spec["finetune.data"] = {split: dataset_fingerprint(data_dir / split) for split in SPLITS}
+    spec["finetune.world_size"] = world_size
+    return canonical(spec)
+
+
 def run_finetune(
     cfg: FinetuneConfig, tracker: Tracker | None = None, progress: bool = True
 ) -> dict:
@@ -567,8 +585,12 @@ def run_finetune(
     if list(train.classes or []) != list(val.classes or []) or not train.classes:
         raise DataError("train and val must list the same task classes; re-run fetch")
     out = Path(cfg.out_dir)
+    spec = training_spec(cfg, pools, dist.world_size)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        # models made with other settings go to superseded/, never mixed with this run's
+        claim_run_dir(out, spec, "finetune")
+    D.barrier()
     st = _Stage(
         cfg,
         out,
@@ -578,9 +600,12 @@ def run_finetune(
         dist.device,
         tracker if tracker is not None and dist.is_main else NullTracker(),
         progress and dist.is_main,
+        spec=spec,
         main=dist.is_main,
     )
     st.summary["pools"] = pools
+    st.summary["training_fingerprint"] = fingerprint(spec)
+    st.tracker.set_tags({"clipshift.training_fingerprint": fingerprint(spec)})
     st.tracker.log_params(
         {"finetune.pools": ",".join(pools), "finetune.num_classes": len(st.classes)}
     )

@@ -5,6 +5,10 @@ Outputs, in ``<out_dir>/<pool>/``:
 * ``resume/step-XXXXXX.pt`` — resumable states (model, optimizer, schedule position, scaler,
   samples consumed, RNG states, guard state, history, config), written every
   ``checkpoint_every`` steps; re-running resumes from the newest valid one.
+* ``training_spec.json`` — every resolved setting that can change the weights. A re-run
+  resumes, or reuses a finished run, only when its spec is identical; otherwise the folder's
+  contents move to ``superseded/<time>-<fingerprint>/`` and training starts from step 0
+  (:mod:`clipshift.training_spec`).
 * ``checkpoint.pt`` (+ ``.sha256``, ``.config.json``) — loadable by stock
   ``open_clip.create_model_and_transforms(name, pretrained=...)``.
 * ``metrics.json`` (DVC metrics) and ``history.json`` (per-log-step records, DVC plots).
@@ -54,11 +58,19 @@ from clipshift.checkpoints import (
 )
 from clipshift.config import PretrainConfig
 from clipshift.data import loaders
-from clipshift.data.shards import dataset_fingerprint, load_info
+from clipshift.data.shards import dataset_fingerprint, load_info, sha256_file
 from clipshift.errors import CheckpointError, ConfigError
-from clipshift.io_utils import output_lock, write_json_atomic
+from clipshift.io_utils import output_lock, read_json, write_json_atomic
 from clipshift.models import ClipBundle, create_clip
 from clipshift.tracking_api import NullTracker, Tracker
+from clipshift.training_spec import (
+    canonical,
+    claim_run_dir,
+    describe_changes,
+    fingerprint,
+    section_spec,
+    set_aside,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +78,6 @@ RESUME_DIR = "resume"
 KEEP_RESUME = 3  # resume checkpoints kept while training (rollback targets); 1 at the end
 CHECKPOINT_CACHE = ".cache/clipshift"  # fetch.cache_dir's default: one download cache
 MEMORY_LIMIT_BYTES = 2 << 30  # loader 'auto' decodes pools into RAM below this size
-# Settings that change the data order or the model: a resume checkpoint written with other
-# values cannot continue this run.
-RESUME_MUST_MATCH = ("model", "init_checkpoint", "batch_size", "seed")
 
 
 @dataclass
@@ -95,12 +104,15 @@ def resume_path(cfg: PretrainConfig, pool: str, step: int) -> Path:
 # setup
 
 
-def build_model(cfg: PretrainConfig, device: torch.device) -> ClipBundle:
-    """The model to train: ``cfg.model`` from scratch (seeded), or ``cfg.init_checkpoint``."""
+def build_model(
+    cfg: PretrainConfig, device: torch.device, init_path: Path | None = None
+) -> ClipBundle:
+    """The model to train: ``cfg.model`` from scratch (seeded), or ``cfg.init_checkpoint``
+    (``init_path``: its local copy, when the caller has already fetched it)."""
     torch.manual_seed(cfg.seed)
     if cfg.init_checkpoint is None:
         return _to(create_clip(cfg.model), device)
-    path = str(local_checkpoint(cfg.init_checkpoint))
+    path = str(init_path or local_checkpoint(cfg.init_checkpoint))
     state = load_checkpoint(path)  # verifies the checksum and refuses pickles
     if "name" in state and "model_config" in state:  # written by clipshift: carries its arch
         bundle = create_clip(state["name"], pretrained=path, config=state["model_config"])
@@ -251,8 +263,12 @@ class Pretrainer:
         self.micro = check_batching(cfg, self.dist.world_size)
         self.total_steps = cfg.samples // cfg.batch_size
         self.out = run_path(cfg, pool)
-        self.bundle = build_model(cfg, self.device)
+        self.init_path = local_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint else None
+        self.bundle = build_model(cfg, self.device, self.init_path)
         self.raw = self.bundle.model
+        self.loader_kind = choose_loader(cfg, pool_path(cfg, pool), self.bundle.image_size)
+        self.spec = self.training_spec()
+        self.fingerprint = fingerprint(self.spec)
         self.optimizer = T.build_optimizer(
             self.raw, cfg.lr, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps
         )
@@ -281,7 +297,6 @@ class Pretrainer:
     def open_data(self) -> MemoryBatches | StreamBatches:
         pool_dir = pool_path(self.cfg, self.pool)
         size = self.bundle.image_size
-        self.loader_kind = choose_loader(self.cfg, pool_dir, size)
         if self.loader_kind == "memory":
             data = loaders.load_pool(pool_dir, self.bundle.tokenizer, size)
             self.pool_samples = len(data)
@@ -305,6 +320,7 @@ class Pretrainer:
             "interval": dict(self.interval),
             "train_time_s": self.train_time,
             "config": self.cfg.model_dump(mode="json"),
+            "training_spec": self.spec,
             "pool": self.pool,
             "pool_fingerprint": self.pool_fingerprint,
             "model_name": self.bundle.name,
@@ -326,26 +342,36 @@ class Pretrainer:
             self.train_time = float(state.get("train_time_s", 0.0))
             T.restore_rng(state["rng"])
 
-    def check_compatible(self, state: dict[str, Any], path: Path) -> None:
-        saved = state.get("config", {})
-        now = self.cfg.model_dump(mode="json")
-        diff = {k: (saved.get(k), now[k]) for k in RESUME_MUST_MATCH if saved.get(k) != now[k]}
-        before = state.get("pool_fingerprint")
-        if before and self.pool_fingerprint and before != self.pool_fingerprint:
-            diff["pool data"] = (before, self.pool_fingerprint)  # fetch re-made the pool
-        if diff or state.get("pool") != self.pool:
-            raise CheckpointError(
-                f"resume checkpoint {path} was written by a different run "
-                f"({', '.join(f'{k}: {a!r} → {b!r}' for k, (a, b) in diff.items()) or 'pool'}); "
-                f"restore those settings, or delete {path.parent} to start from scratch"
-            )
-        if saved.get("samples") != now["samples"]:
-            log.warning(
-                "resuming with samples=%s (was %s): the LR schedule is recomputed for "
-                "the new length, so this run differs from a fresh one",
-                now["samples"],
-                saved.get("samples"),
-            )
+    def training_spec(self) -> dict[str, Any]:
+        """Every resolved setting that can change this run's weights; resume and reuse need
+        an identical one (see :mod:`clipshift.training_spec` and ``RESULT_NEUTRAL``)."""
+        cfg = self.cfg
+        spec = section_spec("pretrain", cfg)
+        spec.update(
+            {
+                "pretrain.pool": self.pool,
+                "pretrain.pool_fingerprint": self.pool_fingerprint,
+                "pretrain.architecture": self.bundle.config,
+                "pretrain.init_sha256": sha256_file(self.init_path) if self.init_path else None,
+                "pretrain.device": self.device.type,
+                "pretrain.world_size": self.dist.world_size,
+                "pretrain.loader": self.loader_kind,
+            }
+        )
+        if self.loader_kind == "stream":  # webdataset workers interleave the shards
+            spec["pretrain.workers"] = cfg.workers
+        return canonical(spec)
+
+    def claim(self) -> None:
+        """Set aside earlier work in the run folder that another spec made (rank 0 moves it,
+        every rank then sees the same folder)."""
+        if self.dist.is_main:
+            moved = claim_run_dir(self.out, self.spec, f"pretrain {self.pool}")
+            tags = {"clipshift.training_fingerprint": self.fingerprint}
+            if moved is not None:
+                tags["clipshift.superseded"] = str(moved)
+            self.tracker.set_tags(tags)
+        D.barrier()
 
     def latest_resume(self) -> Path | None:
         path = latest_checkpoint(self.out / RESUME_DIR) if self.dist.is_main else None
@@ -356,7 +382,20 @@ class Pretrainer:
         if path is None:
             return
         state = load_checkpoint(path)  # on CPU: RNG states must stay CPU tensors
-        self.check_compatible(state, path)
+        if state.get("training_spec") != self.spec:  # a state copied in by hand
+            if self.dist.is_main:
+                moved = set_aside(self.out, state.get("training_spec"))
+                log.warning(
+                    "pretrain %s: resume state %s was trained with other settings (%s); moved "
+                    "the run folder to %s and training from step 0",
+                    self.pool,
+                    path,
+                    describe_changes(state.get("training_spec"), self.spec),
+                    moved,
+                )
+                claim_run_dir(self.out, self.spec, f"pretrain {self.pool}")
+            D.barrier()
+            return
         self.load_state(state)
         self.match_threads(int(state.get("threads", torch.get_num_threads())))
         log.info("resumed %s at step %d from %s", self.pool, self.step, path)
@@ -609,6 +648,8 @@ class Pretrainer:
             "rollbacks": self.guard.rollbacks,
             "skipped_steps": sum(1 for e in self.guard.events if e["event"] == "skip"),
             "events": self.guard.events,
+            "training_fingerprint": self.fingerprint,
+            "reused": False,
         }
         metrics.update(flops_metrics(self.bundle.config, samples))
         if self.dist.is_main:
@@ -623,17 +664,45 @@ class Pretrainer:
             "samples_seen": metrics["samples"],
             "pool": self.pool,
             "pretrain_config": self.cfg.model_dump(mode="json"),
+            "training_spec": self.spec,
+            "training_fingerprint": self.fingerprint,
         }
         save_open_clip_checkpoint(
             self.out / "checkpoint.pt", self.raw, self.bundle.name, self.bundle.config, extra
         )
         write_json_atomic(self.out / "metrics.json", metrics)
         write_json_atomic(self.out / "history.json", self.history)
-        self.prune(1)  # the final resume state is enough to extend the run later
+        self.prune(1)  # the final state lets a re-run with the same spec see it is done
+
+    def finished_metrics(self) -> dict[str, Any] | None:
+        """The metrics of this very run if it already finished (same spec, all steps done,
+        outputs written), else None."""
+        files = [self.out / "checkpoint.pt", self.out / "metrics.json"]
+        if self.step < self.total_steps or not all(f.exists() for f in files):
+            return None
+        metrics = read_json(files[1])
+        return metrics if metrics.get("training_fingerprint") == self.fingerprint else None
+
+    def reuse(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Return a finished run's results untouched: retraining would give the same bits."""
+        log.info(
+            "pretrain %s: reusing the finished run in %s (identical training spec %s)",
+            self.pool,
+            self.out,
+            self.fingerprint,
+        )
+        if self.dist.is_main:
+            self.tracker.set_tags({"clipshift.reused": "true"})
+        D.barrier()
+        return {**metrics, "reused": True, "checkpoint": str(self.out / "checkpoint.pt")}
 
     def run(self) -> dict[str, Any]:
         wall_start = time.perf_counter()
+        self.claim()
         self.resume()
+        done = self.finished_metrics()
+        if done is not None:
+            return self.reuse(done)
         self.wrap_ddp()
         data = self.open_data()
         if self.step == 0 and self.latest_resume() is None:

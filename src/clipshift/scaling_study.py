@@ -19,12 +19,13 @@ Layout, one folder per grid point and pool (the pretrain stage's own layout belo
 
     <out_dir>/<run>/<model-name>.json     architecture (its stem is the open_clip name)
     <out_dir>/<run>/<pool>/checkpoint.pt  + metrics.json, history.json, resume/  (pretrain)
-    <out_dir>/<run>/<pool>/scaling_run.json  the settings the run was trained with
+    <out_dir>/<run>/<pool>/training_spec.json  what determined its weights
     <out_dir>/<run>/<pool>/eval.json         its evaluation
 
-A run whose checkpoint and metrics exist and whose settings match is reused, and a run cut
-off mid-training resumes from its newest resume checkpoint, so a killed stage continues run by
-run. A run trained with other settings is deleted and trained again.
+A finished run whose training spec (every setting that can change its weights, the pool's
+contents included) is identical is reused, and a run cut off mid-training resumes from its
+newest resume checkpoint, so a killed stage continues run by run. A run trained with other
+settings is moved to ``<pool>/superseded/`` and trained again (:mod:`clipshift.training_spec`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import csv
 import hashlib
 import logging
 import math
-import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -75,7 +75,6 @@ CSV_COLUMNS = (
     "retrieval_error",
     "linear_probe_error",
 )
-SPEC_FILE = "scaling_run.json"
 EVAL_FILE = "eval.json"
 #: Bump when the evaluation protocol changes, so stored eval.json files are recomputed.
 EVAL_VERSION = 1
@@ -292,34 +291,6 @@ def shared_pools() -> Iterator[None]:
 # one grid point: train (or reuse), evaluate (or reuse)
 
 
-def _spec(pcfg: PretrainConfig, model_path: Path, pool: str) -> dict[str, Any]:
-    """What a finished run was made from: settings, architecture and the pool's contents."""
-    from clipshift.data.shards import dataset_fingerprint
-    from clipshift.pretrain import pool_path
-
-    return {
-        "pretrain": pcfg.model_dump(mode="json"),
-        "model_config": read_json(model_path),
-        "pool_fingerprint": dataset_fingerprint(pool_path(pcfg, pool)),
-    }
-
-
-def _finished(rdir: Path) -> bool:
-    return (rdir / "checkpoint.pt").exists() and (rdir / "metrics.json").exists()
-
-
-def _prepare_run_dir(rdir: Path, spec: dict[str, Any]) -> None:
-    """Keep the folder only if it was made with ``spec``; a changed run starts from scratch
-    (its resume checkpoints could not continue it anyway)."""
-    path = rdir / SPEC_FILE
-    if rdir.exists() and (not path.exists() or read_json(path) != spec):
-        if any(rdir.iterdir()):
-            log.warning("scaling run %s was trained with other settings; retraining it", rdir)
-        shutil.rmtree(rdir)
-    if not path.exists():
-        write_json_atomic(path, spec)
-
-
 def _supports_child_runs(tracker: Tracker) -> bool:
     try:
         from clipshift.tracking import MlflowTracker
@@ -362,23 +333,20 @@ def train_and_evaluate(
     name = f"scaling-{pool}-{run_name(point)}"
     tags = {"clipshift.pool": pool, "clipshift.scaling_run": run_name(point)}
     with run_tracker(tracker, name, tags) as child:
-        _prepare_run_dir(rdir, _spec(pcfg, model_path, pool))
-        reused = _finished(rdir)
+        child.log_params(
+            {
+                "width": point.width,
+                "layers": point.layers,
+                "pool": pool,
+                "samples": point.samples,
+                "model": model_path.stem,
+            }
+        )
+        # run_pretrain reuses a finished run only on an identical training spec, resumes a
+        # cut-off one, and sets aside work trained with other settings (clipshift.training_spec)
+        train = run_pretrain(pcfg, pool, tracker=child, progress=progress)
+        reused = bool(train.get("reused"))
         child.set_tags({"clipshift.reused": str(reused).lower()})
-        if reused:
-            log.info("reusing finished scaling run %s", rdir)
-            train = read_json(rdir / "metrics.json")
-        else:
-            child.log_params(
-                {
-                    "width": point.width,
-                    "layers": point.layers,
-                    "pool": pool,
-                    "samples": point.samples,
-                    "model": model_path.stem,
-                }
-            )
-            train = run_pretrain(pcfg, pool, tracker=child, progress=progress)
         row = _row(pool, point, read_json(model_path), train, reused)
         row.update(_evaluation(rdir, data, cfg.seed))
         child.log_metrics(_numbers(row))
