@@ -14,8 +14,8 @@ from prefect import flow
 from clipshift import distributed as D
 from clipshift import tracking
 from clipshift.config import EvaluateConfig
-from clipshift.evaluate import log_summary_metrics, run_evaluate
 from clipshift.registry import read_indices
+from clipshift.stages.evaluate import log_summary_metrics, run_evaluate
 from flows._common import report_table, tracked_stage
 
 
@@ -43,7 +43,7 @@ def register_champion(
 
 def launch_torchrun(config: EvaluateConfig, tracker: tracking.MlflowTracker) -> dict:
     """Evaluate under torchrun, then log rank 0's metrics to this flow's MLflow run."""
-    D.launch_torchrun("clipshift.evaluate", config, ["--no-progress"])
+    D.launch_torchrun("clipshift.stages.evaluate", config, ["--no-progress"])
     summary = json.loads(Path(config.metrics_path).read_text())
     log_summary_metrics(tracker, summary)
     return summary

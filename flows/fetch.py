@@ -8,7 +8,7 @@ from prefect import flow, task
 
 from clipshift import tracking
 from clipshift.config import FetchConfig
-from clipshift.fetch import fetch_metrics, run_fetch
+from clipshift.stages.fetch import fetch_metrics, run_fetch
 from flows._common import publish_metrics, report_table, tracked_stage
 
 METRICS = "metrics/fetch.json"

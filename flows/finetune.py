@@ -13,13 +13,13 @@ from prefect import flow
 
 from clipshift import distributed as D
 from clipshift.config import FinetuneConfig
-from clipshift.finetune import run_finetune
+from clipshift.stages.finetune import run_finetune
 from flows._common import report_table, tracked_stage
 
 
 def launch_torchrun(config: FinetuneConfig, tracker) -> dict:
     """Fine-tune under torchrun, then log rank 0's results to this flow's MLflow run."""
-    D.launch_torchrun("clipshift.finetune", config, ["--no-progress"])
+    D.launch_torchrun("clipshift.stages.finetune", config, ["--no-progress"])
     summary = json.loads((Path(config.out_dir) / "finetune.json").read_text())
     accuracies = {
         f"val_accuracy/{mid}": float(m["val_accuracy"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from clipshift.config import InterpolateConfig
-from clipshift.interpolate import run_interpolate
+from clipshift.stages.interpolate import run_interpolate
 from flows._common import publish_metrics, tracked_stage
 
 METRICS = "metrics/interpolate.json"

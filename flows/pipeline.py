@@ -36,7 +36,9 @@ def pipeline_flow(params: PipelineConfig = PipelineConfig(), run_scaling: bool =
         interpolate_flow(config=params.interpolate)
         summary = evaluate_flow(config=params.evaluate)
         scaling = (
-            scaling_flow(config=params.scaling, pretrain=params.pretrain) if run_scaling else {}
+            scaling_flow(config=params.scaling, pretrain=params.pretrain, finetune=params.finetune)
+            if run_scaling
+            else {}
         )
     finally:
         os.environ.pop("CLIPSHIFT_PIPELINE_RUN_ID", None)

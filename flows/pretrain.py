@@ -14,7 +14,7 @@ from prefect import flow
 
 from clipshift import distributed as D
 from clipshift.config import PretrainConfig
-from clipshift.pretrain import run_path, run_pretrain
+from clipshift.stages.pretrain import run_path, run_pretrain
 from flows._common import report_table, tracked_stage
 
 
@@ -22,7 +22,7 @@ def launch_torchrun(config: PretrainConfig, pool: str, tracker) -> dict:
     """Train under torchrun, then log rank 0's history to this flow's MLflow run."""
     out = run_path(config, pool)
     before = _stamp(out / "metrics.json")
-    D.launch_torchrun("clipshift.pretrain", config, ["--pool", pool, "--no-progress"])
+    D.launch_torchrun("clipshift.stages.pretrain", config, ["--pool", pool, "--no-progress"])
     result = json.loads((out / "metrics.json").read_text())
     if before is not None and _stamp(out / "metrics.json") == before:
         # the ranks found a finished run with an identical training spec and left it as it was

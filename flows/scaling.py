@@ -14,15 +14,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from clipshift import tracking
-from clipshift.config import PretrainConfig, ScalingConfig, ScalingRun
-from clipshift.scaling_study import (
-    EvalData,
+from clipshift.config import FinetuneConfig, PretrainConfig, ScalingConfig, ScalingRun
+from clipshift.stages.scaling import (
+    GridInputs,
+    grid_inputs,
     grid_points,
-    load_eval_data,
-    shared_pools,
     summarize,
     train_and_evaluate,
-    world_image_size,
 )
 from flows._common import publish_metrics, report_table, tracked_stage
 
@@ -34,31 +32,33 @@ def scaling_run(
     pretrain: PretrainConfig,
     pool: str,
     point: ScalingRun,
-    data: EvalData,
-    image_size: int,
+    inputs: GridInputs,
     tracker: tracking.MlflowTracker,
 ) -> dict:
-    return train_and_evaluate(
-        config, pretrain, pool, point, data, tracker, progress=False, image_size=image_size
-    )
+    return train_and_evaluate(config, pretrain, pool, point, inputs, tracker, progress=False)
 
 
 @flow(name="scaling", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def scaling_flow(
-    config: ScalingConfig = ScalingConfig(), pretrain: PretrainConfig = PretrainConfig()
+    config: ScalingConfig = ScalingConfig(),
+    pretrain: PretrainConfig = PretrainConfig(),
+    finetune: FinetuneConfig = FinetuneConfig(),
 ) -> dict:
-    """Pretrain the model-size × samples grid on every pool, evaluate, fit E = A·C^alpha."""
+    """Pretrain the model-size × samples grid on every pool, evaluate, fit E = A·C^alpha.
+
+    Every run takes the pretrain section's loop settings and is scored with the finetune
+    section's prompt templates and linear-probe settings."""
     with tracked_stage("scaling", config) as tracker:
-        # every run inherits the pretrain section's loop settings: record them too
-        tracker.log_params(tracking.flatten({"pretrain": pretrain.model_dump(mode="json")}))
-        data = load_eval_data(config)
-        size = world_image_size(config.data_dir, config.pools)
-        with shared_pools():  # each pool is decoded once for the whole grid
-            futures = [
-                scaling_run.submit(config, pretrain, pool, point, data, size, tracker)
-                for pool, point in grid_points(config)
-            ]
-            rows = [f.result() for f in futures]
+        sections = {"pretrain": pretrain, "finetune": finetune}
+        tracker.log_params(
+            tracking.flatten({k: v.model_dump(mode="json") for k, v in sections.items()})
+        )
+        inputs = grid_inputs(config, finetune)  # evaluation data and pools, decoded once
+        futures = [
+            scaling_run.submit(config, pretrain, pool, point, inputs, tracker)
+            for pool, point in grid_points(config)
+        ]
+        rows = [f.result() for f in futures]
         summary = summarize(config, rows, tracker, write_metrics=False)
         publish_metrics(tracker, config.metrics_path, summary["metrics"])
         report_table("scaling-runs", [_run_line(r) for r in rows], "Scaling runs (accuracies)")

@@ -8,7 +8,7 @@ from prefect import flow
 
 from clipshift.config import ValidateConfig
 from clipshift.errors import ValidationFailed
-from clipshift.validate import run_validate
+from clipshift.stages.validate import run_validate
 from flows._common import publish_metrics, report_markdown, tracked_stage
 
 METRICS = "metrics/validate.json"

@@ -23,7 +23,7 @@ import torch
 from clipshift.checkpoints import load_checkpoint
 from clipshift.config import PretrainConfig
 from clipshift.models import tiny_vit_config
-from clipshift.pretrain import run_pretrain
+from clipshift.stages.pretrain import run_pretrain
 from tests.test_loaders import build_pool
 
 MODEL = "clipshift-test-ddp-w32"
@@ -41,7 +41,7 @@ def torchrun(cfg: PretrainConfig, tmp: Path) -> subprocess.CompletedProcess:
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        "clipshift.pretrain",
+        "clipshift.stages.pretrain",
         "--config-json",
         str(config),
         "--pool",

@@ -27,8 +27,8 @@ from clipshift.checkpoints import load_checkpoint, save_open_clip_checkpoint
 from clipshift.config import BaselineSpec, EvaluateConfig, FinetuneConfig
 from clipshift.data.shards import DatasetInfo, ShardWriter
 from clipshift.distributed import shard_range
-from clipshift.evaluate import run_evaluate
-from clipshift.finetune import run_finetune
+from clipshift.stages.evaluate import run_evaluate
+from clipshift.stages.finetune import run_finetune
 from tests.test_finetune import CLASSES, tiny_bundle, toy_data
 
 SUBSET = ["cat", "car"]  # the classes the "shift-sub" dataset covers (an ImageNet-R-like set)

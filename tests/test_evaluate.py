@@ -11,16 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-from clipshift import evaluate as ev
 from clipshift.checkpoints import save_open_clip_checkpoint
 from clipshift.classifier import ImageClassifier, make_head, save_classifier
 from clipshift.config import BaselineSpec, EvaluateConfig, FinetuneConfig, InterpolateConfig
 from clipshift.data.shards import DatasetInfo, ShardWriter
 from clipshift.errors import DataError
-from clipshift.evaluate import accuracy, evaluate_models, recall_at_k, retrieval_recall
-from clipshift.finetune import run_finetune, save_knn
-from clipshift.interpolate import run_interpolate
+from clipshift.methods.clip_eval import retrieval_recall
+from clipshift.methods.knn import save_knn
+from clipshift.methods.metrics import accuracy, recall_at_k
 from clipshift.registry import ModelEntry, read_indices, write_index
+from clipshift.stages import evaluate as ev
+from clipshift.stages.evaluate import evaluate_models
+from clipshift.stages.finetune import run_finetune
+from clipshift.stages.interpolate import run_interpolate
 from tests.test_finetune import CLASSES, tiny_bundle, toy_data, zs_classifier
 
 # --------------------------------------------------------------------------------------------

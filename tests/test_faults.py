@@ -47,7 +47,7 @@ from clipshift.data.ingest import MAX_CAPTION_CHARS, fetch_source
 from clipshift.data.shards import DatasetInfo, ShardWriter, iter_dataset, load_info, sha256_file
 from clipshift.data.sources import materialise, parse_uri, s3_client
 from clipshift.errors import CheckpointError, ClipshiftError, ConfigError, DataError
-from clipshift.pretrain import TrainHooks, run_pretrain
+from clipshift.stages.pretrain import TrainHooks, run_pretrain
 from clipshift.tracking_api import RecordingTracker
 from tests.s3_server import DUMMY_CREDS, free_port, run_moto_server, use_s3_endpoint
 from tests.test_loaders import build_pool
@@ -198,7 +198,7 @@ def test_disk_full_during_pretraining_keeps_the_last_checkpoint(pool_world, tmp_
         finally:
             monkeypatch.setattr(os, "fsync", real_fsync)
 
-    monkeypatch.setattr("clipshift.pretrain.save_checkpoint", save)
+    monkeypatch.setattr("clipshift.stages.pretrain.save_checkpoint", save)
     with pytest.raises(CheckpointError, match="is full"):
         run_pretrain(cfg, "toy", progress=False)
     monkeypatch.undo()
@@ -556,7 +556,7 @@ FETCH_SCRIPT = textwrap.dedent(
     import json, sys, time
     from clipshift import tracking
     from clipshift.config import FetchConfig
-    from clipshift.fetch import run_fetch
+    from clipshift.stages.fetch import run_fetch
 
     cfg = FetchConfig.model_validate_json(sys.argv[1])
     start = time.time()

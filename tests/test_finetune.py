@@ -8,21 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipshift.baselines import stratified_subset, train_baselines
 from clipshift.classifier import ImageClassifier, clip_classifier, make_head
 from clipshift.config import BaselineSpec
 from clipshift.data.loaders import LabelledData
-from clipshift.evaluate import accuracy
-from clipshift.finetune import (
-    augment,
-    cosine_schedule,
-    finetune_end_to_end,
-    knn_predict,
-    train_linear_probe,
-)
+from clipshift.methods.baselines import stratified_subset, train_baselines
+from clipshift.methods.finetuning import augment, finetune_end_to_end
+from clipshift.methods.knn import knn_predict
+from clipshift.methods.linear_probe import train_linear_probe
+from clipshift.methods.metrics import accuracy
+from clipshift.methods.zeroshot import zeroshot_head
 from clipshift.models import create_clip, tiny_vit_config
 from clipshift.tracking_api import RecordingTracker
-from clipshift.zeroshot import zeroshot_head
+from clipshift.train_utils import cosine_lr
 
 CLASSES = ["cat", "dog", "car", "tree"]
 
@@ -96,8 +93,10 @@ def test_augment_keeps_shape_dtype_and_is_seeded():
     assert torch.equal(a, b) and not torch.equal(a, images)
 
 
-def test_cosine_schedule_warms_up_then_decays_to_zero():
-    f = cosine_schedule(100, 10)
+def test_fine_tuning_schedule_warms_up_then_decays_to_zero():
+    def f(step: int) -> float:  # the LR multiplier finetune_end_to_end applies
+        return cosine_lr(step, 1.0, 10, 100)
+
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.0, abs=1e-9)
     assert f(30) > f(60) > f(90)

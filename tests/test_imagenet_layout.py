@@ -21,9 +21,10 @@ from PIL import Image
 from clipshift.classifier import predict_logits, save_classifier
 from clipshift.config import load_params
 from clipshift.data.loaders import load_labelled
-from clipshift.evaluate import masked_argmax, run_evaluate
-from clipshift.fetch import run_fetch
+from clipshift.methods.metrics import masked_argmax
 from clipshift.registry import ModelEntry, write_index
+from clipshift.stages.evaluate import run_evaluate
+from clipshift.stages.fetch import run_fetch
 from tests.test_finetune import tiny_bundle, zs_classifier
 
 WNIDS = {

@@ -350,7 +350,7 @@ def test_torchrun_job_is_consistent(torchrun_docs):
         '--nproc_per_node="$NPROC_PER_NODE"',
         '--node_rank="$JOB_COMPLETION_INDEX"',
         '--rdzv_endpoint="$RDZV_ENDPOINT"',
-        "-m clipshift.pretrain",
+        "-m clipshift.stages.pretrain",
         "--config-json /etc/clipshift/pretrain.json",
     ):
         assert piece in command

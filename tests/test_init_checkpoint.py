@@ -14,7 +14,7 @@ from clipshift.checkpoints import save_open_clip_checkpoint
 from clipshift.config import PretrainConfig
 from clipshift.errors import ConfigError, DataError
 from clipshift.models import create_clip, tiny_vit_config
-from clipshift.pretrain import build_model, run_pretrain
+from clipshift.stages.pretrain import build_model, run_pretrain
 from tests.s3_server import run_http_server, run_moto_server, use_s3_endpoint
 from tests.test_loaders import build_pool
 

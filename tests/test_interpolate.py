@@ -10,8 +10,8 @@ from torch import nn
 
 from clipshift.classifier import ImageClassifier, extract_features, make_head
 from clipshift.errors import CheckpointError
-from clipshift.evaluate import accuracy
-from clipshift.interpolate import (
+from clipshift.methods.metrics import accuracy
+from clipshift.methods.wiseft import (
     SweepPoint,
     choose_alpha,
     greedy_soup,

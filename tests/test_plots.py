@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipshift.methods.robustness import from_axis, summarise, to_axis
+from clipshift.methods.scaling_laws import fit_power_law, fit_scaling_table
 from clipshift.plots import plot_effective_robustness, plot_scaling
-from clipshift.robustness import from_axis, summarise, to_axis
-from clipshift.scaling import fit_power_law, fit_scaling_table
 
 SHIFTS = ["shift-a", "shift-b"]
 

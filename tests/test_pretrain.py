@@ -20,7 +20,7 @@ from clipshift import train_utils as T
 from clipshift.checkpoints import latest_checkpoint, load_checkpoint
 from clipshift.config import PretrainConfig
 from clipshift.errors import ConfigError
-from clipshift.pretrain import TrainHooks, run_pretrain
+from clipshift.stages.pretrain import TrainHooks, run_pretrain
 from clipshift.tracking_api import RecordingTracker
 from tests.tiny import toy_pretrain_cfg, toy_pretrain_world
 
@@ -219,7 +219,7 @@ def test_streaming_loader_trains_and_resumes(world, tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import sys
     from clipshift.config import PretrainConfig
-    from clipshift.pretrain import run_pretrain
+    from clipshift.stages.pretrain import run_pretrain
     cfg = PretrainConfig.model_validate_json(open(sys.argv[1]).read())
     run_pretrain(cfg, "toy", progress=False)
 """)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from clipshift.errors import DataError
-from clipshift.robustness import (
+from clipshift.methods.robustness import (
     EPS,
     EXTERNAL_PREFIX,
     BaselineFit,

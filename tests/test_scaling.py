@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clipshift.errors import DataError
-from clipshift.scaling import (
+from clipshift.methods.scaling_laws import (
     PowerLawFit,
     fit_power_law,
     fit_scaling_table,
@@ -128,7 +128,7 @@ def _runs():
 
 
 def test_scaling_table_contract(caplog):
-    with caplog.at_level(logging.WARNING, logger="clipshift.scaling"):
+    with caplog.at_level(logging.WARNING, logger="clipshift.methods.scaling_laws"):
         table = fit_scaling_table(_runs(), "accuracy", bootstrap=100)
     json.dumps(table, allow_nan=False)
     assert set(table) == {"fits", "runs"} and len(table["runs"]) == 24
@@ -157,7 +157,7 @@ def test_scaling_table_contract(caplog):
 
 
 def test_scaling_table_irreducible_skips_and_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="clipshift.scaling"):
+    with caplog.at_level(logging.WARNING, logger="clipshift.methods.scaling_laws"):
         table = fit_scaling_table(
             _runs(), "accuracy", x_keys=("samples",), irreducible=True, bootstrap=10
         )

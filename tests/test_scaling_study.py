@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipshift.config import PretrainConfig, ScalingConfig, ScalingRun
-from clipshift.scaling_study import (
+from clipshift.config import FinetuneConfig, PretrainConfig, ScalingConfig, ScalingRun
+from clipshift.stages.scaling import (
     TASKS,
+    grid_inputs,
     grid_points,
     load_eval_data,
     run_dir,
@@ -41,6 +42,9 @@ def build_tiny_world(root: Path) -> Path:
     }
     (data / "manifest.json").write_text(json.dumps(manifest))
     return data
+
+
+FINETUNE = FinetuneConfig()  # the evaluation protocol: default templates and linear probe
 
 
 def configs(root: Path, **scaling) -> tuple[ScalingConfig, PretrainConfig]:
@@ -81,7 +85,7 @@ def study(tmp_path_factory):
     (root / "validate" / "exclude.json").write_text(json.dumps({"test": ["t0000", "t0001"]}))
     cfg, pretrain = configs(root)
     tracker = RecordingTracker()
-    result = run_scaling(cfg, pretrain, tracker=tracker, progress=False)
+    result = run_scaling(cfg, pretrain, FINETUNE, tracker=tracker, progress=False)
     return root, cfg, pretrain, result, tracker
 
 
@@ -147,7 +151,7 @@ def test_second_call_reuses_every_run(study):
     files = sorted(Path(cfg.out_dir).glob("*/*/checkpoint.pt"))
     files += sorted(Path(cfg.out_dir).glob("*/*/eval.json"))
     stamps = {p: p.stat().st_mtime_ns for p in files}
-    again = run_scaling(cfg, pretrain, progress=False)
+    again = run_scaling(cfg, pretrain, FINETUNE, progress=False)
     assert all(r["reused"] for r in again["runs"])
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
     assert again["runs"] == [{**r, "reused": True} for r in first["runs"]]
@@ -157,7 +161,7 @@ def test_changed_settings_retrain_the_run(study, tmp_path):
     root, cfg, pretrain, _, _ = study
     moved = cfg.model_copy(update={"out_dir": str(tmp_path / "models")})
     point = moved.grid[0]
-    data = load_eval_data(moved)
+    data = grid_inputs(moved, FINETUNE)
     first = train_and_evaluate(moved, pretrain, "narrow", point, data, progress=False)
     assert first["reused"] is False
     second = train_and_evaluate(moved, pretrain, "narrow", point, data, progress=False)
@@ -199,7 +203,7 @@ def test_flow_reuses_runs_and_logs_child_runs(study, mlflow_store, prefect_harne
     from flows.scaling import scaling_flow
 
     _, cfg, pretrain, first, _ = study
-    result = scaling_flow(config=cfg, pretrain=pretrain)
+    result = scaling_flow(config=cfg, pretrain=pretrain, finetune=FINETUNE)
     assert result["fits"] == first["fits"]  # every run reused: same numbers, no training
     assert json.loads(Path(cfg.metrics_path).read_text())["fits"] == first["fits"]
     client = mlflow.MlflowClient(mlflow_store)

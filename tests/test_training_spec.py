@@ -24,9 +24,9 @@ from clipshift.checkpoints import (
     save_open_clip_checkpoint,
 )
 from clipshift.config import BaselineSpec, FinetuneConfig, PretrainConfig
-from clipshift.finetune import run_finetune
 from clipshift.models import tiny_vit_config
-from clipshift.pretrain import TrainHooks, run_pretrain
+from clipshift.stages.finetune import run_finetune
+from clipshift.stages.pretrain import TrainHooks, run_pretrain
 from clipshift.tracking_api import RecordingTracker
 from clipshift.training_spec import (
     SPEC_FILE,

@@ -17,7 +17,7 @@ from clipshift.config import ValidateConfig
 from clipshift.data import tables as tb
 from clipshift.data.shards import DatasetInfo, ShardWriter, encode_image
 from clipshift.errors import ConfigError, DataError, ValidationFailed
-from clipshift.validate import load_exclusions, run_validate
+from clipshift.stages.validate import load_exclusions, run_validate
 
 CLASSES = ["cat", "dog", "owl"]
 SIZE = 24

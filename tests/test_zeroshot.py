@@ -18,7 +18,7 @@ from clipshift.classifier import (
     to_model_input,
 )
 from clipshift.errors import CheckpointError, ConfigError
-from clipshift.zeroshot import fill_templates, zeroshot_head
+from clipshift.methods.zeroshot import fill_templates, zeroshot_head
 from tests.test_finetune import CLASSES, tiny_bundle, toy_data
 
 TEMPLATES = ["a photo of a {}.", "an emoji of a {}.", "a {}."]

@@ -19,13 +19,16 @@ from typing import Any
 
 import torch
 
+from clipshift import distributed as D
 from clipshift.data.shards import sha256_file
-from clipshift.errors import CheckpointError
+from clipshift.data.sources import materialise, parse_uri
+from clipshift.errors import CheckpointError, ConfigError
 from clipshift.io_utils import temp_path, write_error_message, write_json_atomic
 
 SIDECAR_SUFFIX = ".sha256"
 CONFIG_SUFFIX = ".config.json"
 _STEP_RE = re.compile(r"(\d+)")
+CHECKPOINT_CACHE = ".cache/clipshift"  # fetch.cache_dir's default: one download cache
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -241,3 +244,30 @@ def latest_checkpoint(
         if is_valid_checkpoint(path, required):
             return path
     return None
+
+
+def local_checkpoint(uri: str, cache_dir: str | Path = CHECKPOINT_CACHE) -> Path:
+    """A local file for ``uri``: a path as it is, ``s3://bucket/key`` or
+    ``https://host/file#sha256=<hex>`` downloaded once into ``<cache_dir>/downloads`` (resumable,
+    verified, re-fetched only when the object changes; see :mod:`clipshift.data.sources`).
+
+    Under torchrun the first rank of each node downloads while the others wait, then they all
+    find the file in the cache: the ranks of a node never race on one ``.part`` file.
+    """
+    if "://" not in uri:
+        return Path(uri)
+    base, _, fragment = uri.partition("#sha256=")
+    loc = parse_uri(base)
+    if loc.scheme in ("http", "https") and not fragment:
+        raise ConfigError(
+            f"init_checkpoint '{uri}' is an http(s) URL without a checksum; append "
+            "'#sha256=<hex digest of the file>' so a changed or corrupt download is refused"
+        )
+
+    def fetch() -> Path:
+        return materialise(loc, Path(cache_dir), sha256=fragment or None, progress=False)
+
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    path = fetch() if first else None
+    D.barrier()
+    return path or fetch()

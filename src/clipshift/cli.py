@@ -77,7 +77,7 @@ def run_stage(stage: str, params_path: str, pool: str | None = None) -> object:
     if stage == "pretrain" and pool is not None:
         return flow(config=config, pool=pool)
     if stage == "scaling":
-        return flow(config=config, pretrain=params.pretrain)
+        return flow(config=config, pretrain=params.pretrain, finetune=params.finetune)
     return flow(config=config)
 
 

@@ -149,8 +149,9 @@ def default_parameters(entrypoint: str, params: Any) -> dict[str, Any]:
     values: dict[str, Any] = {"config": section.model_dump(mode="json")}
     if stage == "pretrain":
         values["pool"] = section.pools[0]
-    if stage == "scaling":  # the grid inherits the pretrain section's loop settings
+    if stage == "scaling":  # the grid's loop settings and evaluation protocol
         values["pretrain"] = params.pretrain.model_dump(mode="json")
+        values["finetune"] = params.finetune.model_dump(mode="json")
     return values
 
 

@@ -14,10 +14,13 @@ seen: :func:`training_flops`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from clipshift.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _UNSUPPORTED_VISION = ("timm_model_name", "attentional_pool")
 _UNSUPPORTED_TEXT = ("hf_model_name", "embed_cls")
@@ -126,3 +129,14 @@ def count_params(model_cfg: Mapping[str, Any]) -> int:
     n += 1  # logit_scale
     n += 1 if model_cfg.get("init_logit_bias") is not None else 0
     return int(n)
+
+
+def flops_metrics(model_config: dict[str, Any], samples: int) -> dict[str, float]:
+    """FLOPs per sample and of a whole training run (3× forward), or {} for an architecture
+    the analytic count does not cover."""
+    try:
+        per_sample = clip_flops_per_sample(model_config)["total"]
+    except (ConfigError, KeyError, AttributeError) as exc:
+        log.info("no FLOPs count for this model: %s", exc)
+        return {}
+    return {"flops_per_sample": per_sample, "train_flops": 3.0 * per_sample * samples}

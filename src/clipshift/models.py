@@ -16,7 +16,8 @@ from typing import Any
 import open_clip
 import torch
 
-from clipshift.errors import ConfigError
+from clipshift.checkpoints import load_checkpoint
+from clipshift.errors import CheckpointError, ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -139,3 +140,18 @@ def create_clip(
         preprocess_eval=preprocess_eval,
         tokenizer=open_clip.get_tokenizer(name),
     )
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> ClipBundle:
+    """A CLIP from a checkpoint written by the pretrain stage (``save_open_clip_checkpoint``)."""
+    state = load_checkpoint(path)
+    missing = [k for k in ("state_dict", "name", "model_config") if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint '{path}' lacks {missing}; it was not written by clipshift pretrain — "
+            "re-run `dvc repro pretrain`"
+        )
+    bundle = create_clip(state["name"], device=device, config=state["model_config"])
+    bundle.model.load_state_dict(state["state_dict"])
+    bundle.model.eval()
+    return bundle

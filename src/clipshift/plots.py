@@ -18,8 +18,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from clipshift.robustness import from_axis, to_axis  # noqa: E402
-from clipshift.scaling import fit_power_law, holdout_error, predict, prediction_band  # noqa: E402
+from clipshift.methods.robustness import from_axis, to_axis  # noqa: E402
+from clipshift.methods.scaling_laws import (  # noqa: E402
+    fit_power_law,
+    holdout_error,
+    predict,
+    prediction_band,
+)
 
 DPI = 120
 
@@ -267,8 +272,9 @@ def plot_scaling(
     """Error vs ``x_key`` on log-log axes: runs, the fitted law extrapolated one decade, the
     95 % bootstrap band, and the largest-x run(s) marked with the hold-out fit's prediction.
 
-    ``fit`` is a :class:`~clipshift.scaling.PowerLawFit` or a ``metrics/scaling.json`` entry;
-    with ``as_error`` the plotted error is 1 − run[y_key], as in ``fit_scaling_table``.
+    ``fit`` is a :class:`~clipshift.methods.scaling_laws.PowerLawFit` or a
+    ``metrics/scaling.json`` entry; with ``as_error`` the plotted error is 1 − run[y_key], as
+    in ``fit_scaling_table``.
     """
     fit = _fit_dict(fit)
     group = _group_runs(runs, fit)

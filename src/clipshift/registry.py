@@ -22,6 +22,7 @@ from clipshift.errors import DataError
 from clipshift.io_utils import write_json_atomic
 
 INDEX_FILE = "index.json"
+PRETRAINED_FILE = "checkpoint.pt"  # <pretrain out_dir>/<pool>/checkpoint.pt
 
 Kind = Literal["baseline", "zeroshot", "finetuned", "linear", "knn", "wiseft", "soup"]
 
@@ -93,3 +94,8 @@ def read_indices(models_dir: str | Path) -> list[ModelEntry]:
             seen[entry.id] = index_path
             entries.append(entry)
     return entries
+
+
+def find_pools(pretrain_dir: str | Path) -> list[str]:
+    """Pools with a pretrained checkpoint: ``<pretrain_dir>/<pool>/checkpoint.pt``."""
+    return sorted(p.parent.name for p in Path(pretrain_dir).glob(f"*/{PRETRAINED_FILE}"))

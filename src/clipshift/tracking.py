@@ -229,6 +229,10 @@ class MlflowTracker:
     def log_dict(self, obj: dict[str, Any], name: str) -> None:
         self.client.log_text(self.run_id, json.dumps(obj, indent=2, default=str), name)
 
+    def child(self, name: str, tags: dict[str, str]) -> contextlib.AbstractContextManager:
+        """A run nested under this one (see :func:`child_run`)."""
+        return child_run(self, name, tags)
+
 
 def _client() -> Any:
     import mlflow

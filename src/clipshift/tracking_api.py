@@ -7,6 +7,8 @@ pass an MLflow-backed tracker (``clipshift.tracking``); tests and plain-Python c
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +23,10 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
     def log_dict(self, obj: dict[str, Any], name: str) -> None: ...
+
+    def child(self, name: str, tags: dict[str, str]) -> contextlib.AbstractContextManager:
+        """A tracker for a nested unit of work (an MLflow child run per trained model)."""
+        ...
 
 
 class NullTracker:
@@ -40,6 +46,10 @@ class NullTracker:
 
     def log_dict(self, obj: dict[str, Any], name: str) -> None:
         pass
+
+    @contextlib.contextmanager
+    def child(self, name: str, tags: dict[str, str]) -> Iterator[Tracker]:
+        yield NullTracker()  # nothing is logged per nested unit without a run store
 
 
 class RecordingTracker(NullTracker):

@@ -216,15 +216,23 @@ def tokenize_captions(tokenizer: Callable, captions: list[str], chunk: int = 409
     return torch.cat(parts).to(torch.long)
 
 
-def load_pool(
-    dataset_dir: str | Path,
-    tokenizer: Callable,
-    image_size: int,
-    exclude: set[str] | None = None,
-) -> PoolTensors:
-    """Decode a pool once into uint8 images at the model's size and caption tokens."""
+@dataclass
+class CaptionedImages:
+    images: torch.Tensor  # uint8 N×3×S×S
+    captions: list[str]
+    keys: list[str]
+    stats: ReadStats
+
+
+def load_captioned(
+    dataset_dir: str | Path, image_size: int | None = None, exclude: set[str] | None = None
+) -> CaptionedImages:
+    """Decode an image–caption dataset (a pool, the retrieval pairs) once: uint8 images at
+    ``image_size`` (default: the dataset's own) and captions; samples without a caption are
+    skipped and counted, unreadable ones too."""
     exclude = exclude or set()
     stats = ReadStats()
+    size = image_size or load_info(dataset_dir).image_size
     images, captions, keys = [], [], []
     for sample in iter_dataset(dataset_dir, stats):
         if sample["__key__"] in exclude:
@@ -232,19 +240,32 @@ def load_pool(
         if not sample.get("txt"):
             stats.skip("missing caption")
             continue
-        images.append(image_to_uint8(sample["image"], image_size))
+        size = size or sample["image"].size[0]
+        images.append(image_to_uint8(sample["image"], size))
         captions.append(sample["txt"])
         keys.append(sample["__key__"])
     if not keys:
         raise DataError(
-            f"pool '{dataset_dir}' has no usable image-caption pairs "
+            f"'{dataset_dir}' has no usable image-caption pairs "
             f"(skipped: {stats.reasons}); re-run fetch"
         )
     if stats.skipped:
         log.warning(
             "%s: skipped %d unreadable samples %s", dataset_dir, stats.skipped, stats.reasons
         )
-    return PoolTensors(torch.stack(images), tokenize_captions(tokenizer, captions), keys, stats)
+    return CaptionedImages(torch.stack(images), captions, keys, stats)
+
+
+def load_pool(
+    dataset_dir: str | Path,
+    tokenizer: Callable,
+    image_size: int,
+    exclude: set[str] | None = None,
+) -> PoolTensors:
+    """Decode a pool once into uint8 images at the model's size and caption tokens."""
+    pairs = load_captioned(dataset_dir, image_size, exclude)
+    tokens = tokenize_captions(tokenizer, pairs.captions)
+    return PoolTensors(pairs.images, tokens, pairs.keys, pairs.stats)
 
 
 def _generator(*seeds: int) -> torch.Generator:

@@ -1,0 +1,416 @@
+"""Top-1 accuracy of every model on every evaluation set, retrieval recall@k, and the stage
+that turns them into the effective-robustness metrics and plots.
+
+Feature passes dominate the cost, and many models share a vision tower: the zero-shot
+classifier, the linear probe, the k-NN classifier and every linear-WiSE-FT mixture of a pool
+all use the same frozen pretrained tower. Models are therefore grouped by a fingerprint of
+their tower's weights (sha256 of the tensors), each group's features are computed once per
+dataset, and every head of the group is applied to them. Fingerprinting the bytes rather than
+trusting file names means a copy of a tower is always recognised, and a changed one never is.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clipshift import distributed as D
+from clipshift import plots
+from clipshift.classifier import (
+    ImageClassifier,
+    default_device,
+    extract_features,
+    load_classifier,
+)
+from clipshift.config import EvaluateConfig
+from clipshift.data.loaders import load_captioned, load_labelled, read_exclude
+from clipshift.data.shards import load_info
+from clipshift.errors import DataError
+from clipshift.io_utils import write_json_atomic
+from clipshift.methods import robustness
+from clipshift.methods.clip_eval import retrieval_recall
+from clipshift.methods.knn import knn_predict, load_knn
+from clipshift.methods.metrics import masked_argmax
+from clipshift.models import load_pretrained
+from clipshift.progress import progress_bar
+from clipshift.registry import ModelEntry, find_pools, read_indices
+from clipshift.tracking_api import NullTracker, Tracker
+
+ID_DATASET = "test"
+EVAL_ROLES = ("val", "test", "shift")
+
+
+def visual_fingerprint(visual: nn.Module) -> str:
+    """sha256 over the tower's state (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(visual.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass
+class _Scorer:
+    """One model reduced to 'raw tower features → class scores', plus where its tower is."""
+
+    entry: ModelEntry
+    fingerprint: str
+    tower_file: Path
+    score: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _classifier_scorer(entry: ModelEntry) -> tuple[_Scorer, ImageClassifier]:
+    clf, _ = load_classifier(entry.path)
+    head, prepare = clf.head, clf.prepare
+
+    def score(feats: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return head(prepare(feats))
+
+    return _Scorer(entry, visual_fingerprint(clf.visual), Path(entry.path), score), clf
+
+
+def _knn_scorer(entry: ModelEntry) -> tuple[_Scorer, ImageClassifier]:
+    state = load_knn(entry.path)
+    meta = state["meta"]
+    tower_file = Path(entry.path).parent / meta["visual_checkpoint"]
+    clf, _ = load_classifier(tower_file)
+    bank, labels = state["train_features"], state["train_labels"]
+    k, temperature, classes = int(meta["k"]), float(meta["temperature"]), int(meta["num_classes"])
+
+    def score(feats: torch.Tensor) -> torch.Tensor:
+        return knn_predict(bank, labels, feats, k, classes, temperature)
+
+    return _Scorer(entry, visual_fingerprint(clf.visual), tower_file, score), clf
+
+
+def _scorer(entry: ModelEntry) -> tuple[_Scorer, ImageClassifier]:
+    return _knn_scorer(entry) if entry.kind == "knn" else _classifier_scorer(entry)
+
+
+def evaluate_models(
+    entries: Sequence[ModelEntry],
+    datasets: Mapping[str, Any],
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    stats: dict[str, int] | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, dict[str, float]]:
+    """``{model_id: {dataset: top-1 accuracy}}`` for every entry on every dataset.
+
+    One feature pass per (distinct tower, dataset). Only one tower is held in memory at a
+    time: models are first reduced to their heads and grouped by tower fingerprint, then each
+    group's tower is loaded again for its feature passes. ``stats`` (if given) receives
+    ``feature_passes`` and ``towers``. ``masks[dataset]`` (bool per class) restricts the
+    prediction to a class subset, as ImageNet-R/-A are scored over their 200 classes only.
+
+    Under torchrun each rank scores its own run of whole batches of every dataset
+    (:func:`clipshift.distributed.shard_range`) and the predictions are gathered, so every
+    rank returns exactly the accuracies one process computes.
+    """
+    device = device or default_device()
+    masks = masks or {}
+    groups: dict[str, list[_Scorer]] = {}
+    for entry in entries:
+        scorer, _ = _scorer(entry)  # the loaded tower is dropped here; only the head stays
+        groups.setdefault(scorer.fingerprint, []).append(scorer)
+    results: dict[str, dict[str, float]] = {e.id: {} for e in entries}
+    passes = 0
+    bar = progress_bar(len(groups) * len(datasets), progress, "evaluate")
+    for scorers in groups.values():
+        visual = load_classifier(scorers[0].tower_file)[0].visual.to(device)
+        for name, data in datasets.items():
+            mine = D.shard_range(len(data.labels), batch_size)
+            images = data.images[mine.start : mine.stop]
+            # Heads are tiny: score on the CPU, where extract_features leaves the features.
+            feats = extract_features(visual, images, batch_size, None, device)
+            passes += 1
+            local = {s.entry.id: masked_argmax(s.score(feats), masks.get(name)) for s in scorers}
+            labels = torch.as_tensor(data.labels)
+            for s in scorers:
+                pred = torch.cat([part[s.entry.id] for part in D.all_gather_object(local)])
+                results[s.entry.id][name] = float((pred == labels).float().mean())
+            if bar is not None:
+                bar.update(1)
+        del visual
+    if bar is not None:
+        bar.close()
+    if stats is not None:
+        stats.update({"feature_passes": passes, "towers": len(groups)})
+    return results
+
+
+def class_mask(info: Any) -> torch.Tensor | None:
+    """Bool per class of a dataset covering part of its label space (``extra.class_subset``,
+    written by fetch for class_map sources), or None when it covers every class."""
+    subset, classes = info.extra.get("class_subset"), info.classes
+    if not subset or not classes:
+        return None
+    keep = {classes[c] if isinstance(c, int) else c for c in subset}
+    unknown = sorted(keep - set(classes))
+    if unknown:
+        raise DataError(
+            f"dataset '{info.name}' declares class_subset entries {unknown[:5]} that are not "
+            "among its classes; fix fetch.sources class_map and run fetch again"
+        )
+    if keep == set(classes):
+        return None
+    return torch.tensor([c in keep for c in classes])
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+
+def eval_dataset_names(data_dir: str | Path) -> dict[str, str]:
+    """``{name: role}`` of the labelled evaluation sets (val, test, shifts) in ``data_dir``."""
+
+    found = {}
+    for info_file in sorted(Path(data_dir).glob("*/dataset.json")):
+        info = load_info(info_file.parent)
+        if info.role in EVAL_ROLES:
+            found[info_file.parent.name] = info.role
+    return found
+
+
+def _records(entries: Sequence[ModelEntry], acc: Mapping[str, Mapping[str, float]]) -> dict:
+    return {
+        e.id: {"kind": e.kind, "pool": e.pool, "alpha": e.alpha, "accuracy": dict(acc[e.id])}
+        for e in entries
+    }
+
+
+def _plot_view(summary: dict, variants: Mapping[str, str]) -> dict:
+    """A copy for plotting where each WiSE-FT variant is its own curve (pool 'p/linear')."""
+    models = {}
+    for mid, rec in summary["models"].items():
+        variant = variants.get(mid)
+        if variant and variant != "end-to-end":
+            rec = {**rec, "pool": f"{rec.get('pool')}/{variant}"}
+        models[mid] = rec
+    return {**summary, "models": models}
+
+
+def write_table(
+    path: str | Path, summary: Mapping[str, Any], datasets: Sequence[str], shifts: Sequence[str]
+) -> Path:
+    """One row per model (the DVC plots table)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = [
+        "model",
+        "kind",
+        "pool",
+        "alpha",
+        "variant",
+        "id_accuracy",
+        "ood_accuracy_avg",
+        "effective_robustness_avg",
+        *[f"acc_{d}" for d in datasets],
+        *[f"er_{s}" for s in shifts],
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for mid, rec in sorted(summary["models"].items()):
+            row = {k: rec.get(k) for k in fields}
+            row["model"] = mid
+            row.update({f"acc_{d}": rec["accuracy"].get(d) for d in datasets})
+            row.update({f"er_{s}": rec["effective_robustness"].get(s) for s in shifts})
+            writer.writerow(row)
+    tmp.replace(path)
+    return path
+
+
+def run_retrieval(cfg: EvaluateConfig, device: torch.device) -> dict[str, dict[str, float]]:
+    """Recall@k of every pretrained CLIP (``<models_dir>/pretrain/<pool>``) on ``retrieval``."""
+
+    data = Path(cfg.data_dir) / "retrieval"
+    pretrain = Path(cfg.models_dir) / "pretrain"
+    pools = find_pools(pretrain)
+    if not (data / "dataset.json").exists() or not pools:
+        return {}
+    pairs = load_captioned(data, exclude=read_exclude(cfg.validate_dir, "retrieval"))
+    out = {}
+    for pool in pools:
+        bundle = load_pretrained(pretrain / pool / "checkpoint.pt", device)
+        out[pool] = retrieval_recall(
+            bundle.model,
+            bundle.tokenizer,
+            pairs.images,
+            pairs.captions,
+            cfg.retrieval_ks,
+            cfg.batch_size,
+            device,
+        )
+    return out
+
+
+def id_dataset_name(roles: Mapping[str, str]) -> str:
+    """The reference test set: the dataset named 'test', else the only one with role 'test'
+    (e.g. an ImageNet val set fetched as ``name: imagenet-val, role: test``)."""
+    if ID_DATASET in roles:
+        return ID_DATASET
+    tests = sorted(n for n, r in roles.items() if r == "test")
+    if len(tests) != 1:
+        raise DataError(
+            f"need one reference test set in the evaluation data (a dataset named "
+            f"'{ID_DATASET}', or exactly one with role 'test'), found {tests}; run "
+            "`dvc repro fetch` or fix the roles in fetch.sources"
+        )
+    return tests[0]
+
+
+def load_eval_sets(cfg: EvaluateConfig) -> tuple[dict[str, str], dict[str, Any], dict]:
+    """``(roles, datasets, masks)``: every labelled eval set, decoded, minus validate's
+    exclusions, and the class-subset mask of each set that covers part of the task."""
+
+    roles = eval_dataset_names(cfg.data_dir)
+    datasets, masks = {}, {}
+    for name in roles:
+        folder = Path(cfg.data_dir) / name
+        datasets[name] = load_labelled(folder, read_exclude(cfg.validate_dir, name))
+        mask = class_mask(load_info(folder))
+        if mask is not None:
+            masks[name] = mask
+    return roles, datasets, masks
+
+
+def run_evaluate(
+    cfg: EvaluateConfig, tracker: Tracker | None = None, progress: bool = True
+) -> dict:
+    """The evaluate stage: accuracies → robustness summary (+ retrieval) → metrics, table, plots.
+
+    Under torchrun every rank calls it: the accuracies are computed sharded across ranks
+    (see :func:`evaluate_models`); rank 0 alone fits, writes, plots and logs, and every rank
+    returns its summary.
+    """
+    dist = D.init_distributed("auto")
+    t0 = time.perf_counter()
+    roles, datasets, masks = load_eval_sets(cfg)
+    id_name = id_dataset_name(roles)
+    entries = read_indices(cfg.models_dir)
+    if not entries:
+        raise DataError(f"no models indexed under {cfg.models_dir}/*/index.json; run finetune")
+    stats: dict[str, int] = {}
+    acc = evaluate_models(
+        entries, datasets, cfg.batch_size, dist.device, progress and dist.is_main, stats, masks
+    )
+    summary = None
+    if dist.is_main:
+        summary = _summarise(cfg, entries, acc, roles, id_name, datasets, dist.device)
+        summary["class_subsets"] = {n: int(m.sum()) for n, m in masks.items()}
+        summary["world_size"] = dist.world_size
+        summary["evaluate_seconds"] = round(time.perf_counter() - t0, 2)
+        summary["feature_passes"] = stats.get("feature_passes", 0)
+        _write_outputs(cfg, summary, entries, list(datasets))
+        log_summary_metrics(tracker or NullTracker(), summary)  # the flow logs files as artifacts
+    return D.broadcast_object(summary)
+
+
+def _summarise(
+    cfg: EvaluateConfig,
+    entries: Sequence[ModelEntry],
+    acc: Mapping[str, Mapping[str, float]],
+    roles: Mapping[str, str],
+    id_name: str,
+    datasets: Mapping[str, Any],
+    device: torch.device,
+) -> dict:
+
+    shifts = sorted(n for n, r in roles.items() if r == "shift")
+    baseline_ids = [e.id for e in entries if e.kind == "baseline"]
+    external = (
+        robustness.load_external_baselines(cfg.external_baselines, shifts)
+        if cfg.external_baselines
+        else None
+    )
+    summary = robustness.summarise(
+        _records(entries, acc),
+        id_name,
+        shifts,
+        baseline_ids,
+        cfg.transform,
+        external,
+        cfg.external_mode,
+    )
+    for e in entries:
+        if "variant" in e.extra:
+            summary["models"][e.id]["variant"] = e.extra["variant"]
+    summary["retrieval"] = run_retrieval(cfg, device)
+    summary["id_dataset"], summary["shifts"] = id_name, shifts
+    summary["num_examples"] = {name: len(d.labels) for name, d in datasets.items()}
+    summary["selected"] = {
+        f"wiseft_{e.extra.get('variant', 'end-to-end')}": e.id
+        for e in entries
+        if e.extra.get("chosen")
+    }
+    return summary
+
+
+def _write_outputs(
+    cfg: EvaluateConfig, summary: dict, entries: Sequence[ModelEntry], datasets: list[str]
+) -> None:
+    """metrics JSON, the plots table and one effective-robustness scatter per shift."""
+
+    shifts = summary["shifts"]
+    write_json_atomic(cfg.metrics_path, summary)
+    plots_dir = Path(cfg.plots_dir)
+    write_table(plots_dir / "table.csv", summary, datasets, shifts)
+    scatter_dir = plots_dir / "scatter"  # a DVC image-plots directory, apart from table.csv
+    for stale in scatter_dir.glob("effective_robustness_*.png"):  # shifts removed since last run
+        stale.unlink()
+    variants = {e.id: e.extra["variant"] for e in entries if "variant" in e.extra}
+    view = _plot_view(summary, variants)
+    for shift in [*shifts, "avg"]:
+        path = scatter_dir / f"effective_robustness_{shift}.png"
+        plots.plot_effective_robustness(view, shift, path, cfg.transform)
+
+
+def log_summary_metrics(tracker: Tracker, summary: Mapping[str, Any]) -> None:
+    metrics: dict[str, float] = {}
+    for mid, rec in summary["models"].items():
+        if mid.startswith("external/"):
+            continue
+        metrics[f"id_accuracy/{mid}"] = rec["id_accuracy"]
+        metrics[f"ood_accuracy_avg/{mid}"] = rec["ood_accuracy_avg"]
+        metrics[f"effective_robustness_avg/{mid}"] = rec["effective_robustness_avg"]
+    for pool, rec in summary.get("retrieval", {}).items():
+        metrics.update({f"retrieval/{pool}/{k.replace('@', '_at_')}": v for k, v in rec.items()})
+    fit = summary["baseline_fit"].get("avg")
+    if fit:
+        metrics.update({"baseline_fit/avg/slope": fit["slope"], "baseline_fit/avg/r2": fit["r2"]})
+    tracker.log_metrics(metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# command line (the entry point torchrun launches on every rank)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="clipshift evaluate stage (one rank)")
+    parser.add_argument("--config-json", required=True, help="an EvaluateConfig as JSON")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    cfg = EvaluateConfig.model_validate_json(Path(args.config_json).read_text())
+    return D.run_on_rank(
+        lambda: run_evaluate(cfg, progress=not args.no_progress),
+        lambda s: {mid: m["id_accuracy"] for mid, m in sorted(s["models"].items())},
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
