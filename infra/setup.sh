@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Set up clipshift on a fresh clone: a Python 3.11 venv in .venv with the pinned dependencies,
-# the project installed editable, and the emoji art from npm. Safe to run again: it skips what
-# is already in place (keyed on the hash of pyproject.toml and infra/art/package.json).
+# Set up clipshift on a fresh clone: a Python 3.11 venv in .venv with every dependency at the
+# version and sha256 that requirements.lock pins (pip --require-hashes), the project installed
+# editable on top (--no-deps), and the emoji art from npm. Safe to run again: it skips what is
+# already in place (keyed on the hash of pyproject.toml, requirements.lock and
+# infra/art/package.json). The README's "Installing" section says how to refresh the lock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,12 +25,23 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libcairo.so.2'; then
   else sudo apt-get update -qq && sudo apt-get install -y -qq libcairo2 >/dev/null; fi
 fi
 
+[ -f requirements.lock ] || { echo "setup: requirements.lock is missing (see README, Installing)" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# pip, quietly, without the notes about this machine's local package folders; fails with pip.
+pip_q() {
+  .venv/bin/pip -q --disable-pip-version-check "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }
+}
 stamp=.venv/.clipshift-installed
-want=$(cat pyproject.toml infra/art/package.json 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml requirements.lock infra/art/package.json 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing Python dependencies into .venv (first time: a few minutes)"
-  .venv/bin/pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
+  echo "setup: installing Python dependencies into .venv from requirements.lock (first time: a few minutes)"
+  # Every package, transitive ones included, at its locked version; a file whose sha256 is not
+  # in the lock, or a dependency the lock lacks, is refused.
+  pip_q install --require-hashes -r requirements.lock \
+    || { echo "setup: installing requirements.lock failed; see the pip output above" >&2; exit 1; }
+  # The project itself, editable, with nothing more: its build backend (setuptools) is locked too.
+  pip_q install --no-deps --no-build-isolation -e . \
+    || { echo "setup: installing the project failed; see the pip output above" >&2; exit 1; }
   .venv/bin/python -c "import clipshift, open_clip, prefect, mlflow" \
     || { echo "setup: the Python install failed; see the pip output above" >&2; exit 1; }
   echo "$want" > "$stamp"
