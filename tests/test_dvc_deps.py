@@ -84,9 +84,7 @@ def test_stages_import_no_other_stage_but_scaling_pretrain():
     """Stages import methods/ and data/, never another stage (one allowed edge)."""
     for path in sorted((SRC / "clipshift" / "stages").glob("*.py")):
         stages = {
-            m.rsplit(".", 1)[1]
-            for m in imported_modules(path)
-            if m.startswith("clipshift.stages.")
+            m.rsplit(".", 1)[1] for m in imported_modules(path) if m.startswith("clipshift.stages.")
         }
         allowed = {"pretrain"} if path.stem == "scaling" else set()
         assert stages - {path.stem} <= allowed, f"{path.name} imports stages {stages}"

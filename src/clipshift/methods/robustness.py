@@ -238,7 +238,7 @@ def summarise(
     """Fit the baseline line per shift (and on the shift average) and report every model's ER.
 
     ``models``: ``{model_id: {"accuracy": {dataset: acc}, "kind": str, "pool"?: str,
-    "alpha"?: float}}``. ``external`` (from :func:`load_external_baselines`) joins the baseline
+    "wise_alpha"?: float}}``. ``external`` (from :func:`load_external_baselines`) joins the baseline
     models (``external_mode="join"``) or replaces them (``"replace"``); its rows also appear in
     ``models`` as ``external/<name>`` with kind ``"external"``. ``baseline_fit["avg"]`` is the
     line of mean shift accuracy on ID accuracy; a model's ``effective_robustness_avg`` is the
@@ -291,11 +291,11 @@ def _model_record(
         )
     id_acc = float(acc[id_dataset])
     er = {s: float(effective_robustness(fits[s], id_acc, float(acc[s]))) for s in shifts}
-    alpha = rec.get("alpha")
+    wise_alpha = rec.get("wise_alpha")
     return {
         "kind": rec.get("kind"),
         "pool": rec.get("pool"),
-        "alpha": None if alpha is None else float(alpha),
+        "wise_alpha": None if wise_alpha is None else float(wise_alpha),
         "accuracy": {k: float(v) for k, v in acc.items()},
         "id_accuracy": id_acc,
         "ood_accuracy_avg": float(np.mean([acc[s] for s in shifts])),
