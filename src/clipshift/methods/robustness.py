@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.stats import norm
 
 from clipshift.errors import DataError
@@ -89,7 +90,7 @@ def _scalar_or_array(value: np.ndarray, like: Any) -> Any:
 
 
 def fit_baseline(
-    id_acc: Sequence[float], ood_acc: Sequence[float], transform: Transform = "logit"
+    id_acc: ArrayLike, ood_acc: ArrayLike, transform: Transform = "logit"
 ) -> BaselineFit:
     """Least-squares line of transform(ood) on transform(id); R² is in the transformed space."""
     x = to_axis(id_acc, transform).ravel()

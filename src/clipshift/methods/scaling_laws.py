@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.optimize import least_squares
 from scipy.special import expit, logit
 
@@ -62,7 +63,7 @@ class PowerLawFit:
 # single fits on log-space data
 
 
-def _as_positive(values: Sequence[float], name: str) -> np.ndarray:
+def _as_positive(values: ArrayLike, name: str) -> np.ndarray:
     arr = np.asarray(values, dtype=float).ravel()
     if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
         raise ValueError(f"a power law needs finite positive {name}, got {arr.tolist()}")
@@ -194,8 +195,8 @@ def _percentile_ci(values: np.ndarray) -> list[float] | None:
 
 
 def fit_power_law(
-    x: Sequence[float],
-    y: Sequence[float],
+    x: ArrayLike,
+    y: ArrayLike,
     irreducible: bool = False,
     bootstrap: int = 1000,
     seed: int = 0,
@@ -248,9 +249,9 @@ def predict(fit: PowerLawFit | Mapping[str, Any], x: Any) -> Any:
 
 
 def prediction_band(
-    x: Sequence[float],
-    y: Sequence[float],
-    x_grid: Sequence[float],
+    x: ArrayLike,
+    y: ArrayLike,
+    x_grid: ArrayLike,
     irreducible: bool = False,
     bootstrap: int = 1000,
     seed: int = 0,
@@ -266,7 +267,7 @@ def prediction_band(
     return lo, hi
 
 
-def holdout_error(x: Sequence[float], y: Sequence[float], irreducible: bool = False) -> dict:
+def holdout_error(x: ArrayLike, y: ArrayLike, irreducible: bool = False) -> dict:
     """Fit without the largest-x point(s), extrapolate to it, report the relative error.
 
     When several runs share the largest x (e.g. two sample counts at the largest model), all
@@ -291,7 +292,7 @@ def _group_name(group: Mapping[str, Any], group_by: Sequence[str], x_key: str) -
     return "/".join([*(str(group[k]) for k in order), f"vs_{x_key}"])
 
 
-def _require(runs: list[Mapping[str, Any]], keys: Iterable[str]) -> None:
+def _require(runs: Sequence[Mapping[str, Any]], keys: Iterable[str]) -> None:
     for i, run in enumerate(runs):
         missing = [k for k in keys if k not in run]
         if missing:
@@ -299,7 +300,7 @@ def _require(runs: list[Mapping[str, Any]], keys: Iterable[str]) -> None:
 
 
 def _one_fit(
-    runs: list[Mapping[str, Any]],
+    runs: Sequence[Mapping[str, Any]],
     x_key: str,
     y_key: str,
     as_error: bool,
@@ -336,10 +337,10 @@ def fit_scaling_table(
     ``<task>/<pool>/vs_<x_key>``; groups with too few distinct x values are skipped with a
     logged warning. ``holdout_rel_error`` is None when the hold-out fit is impossible.
     """
-    runs = [dict(r) for r in runs]
-    _require(runs, [*group_by, *x_keys, y_key])
+    rows = [dict(r) for r in runs]
+    _require(rows, [*group_by, *x_keys, y_key])
     groups: dict[tuple, list[dict]] = {}
-    for run in runs:
+    for run in rows:
         groups.setdefault(tuple(run[k] for k in group_by), []).append(run)
     fits: dict[str, Any] = {}
     for key in sorted(groups, key=lambda t: tuple(map(str, t))):
@@ -352,4 +353,4 @@ def fit_scaling_table(
                 log.warning("skipping scaling fit %s: %s", name, err)
                 continue
             fits[name] = {**entry, "x": x_key, **{k: group[k] for k in group_by}}
-    return {"fits": fits, "runs": runs}
+    return {"fits": fits, "runs": rows}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -124,7 +124,10 @@ def uniform_soup(state_dicts: Sequence[StateDict]) -> dict[str, torch.Tensor]:
     return out
 
 
-def with_state(template: nn.Module, state: StateDict) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def with_state(template: M, state: StateDict) -> M:
     """A copy of ``template`` holding ``state``."""
     model = copy.deepcopy(template)
     model.load_state_dict(state)
