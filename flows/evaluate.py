@@ -34,7 +34,7 @@ def register_champion(
         config.registered_model,
         tags={
             "model_id": chosen,
-            "alpha": str(entry.alpha),
+            "wise_alpha": str(entry.wise_alpha),
             "id_accuracy": str(record["id_accuracy"]),
         },
     )

@@ -44,7 +44,7 @@ def scaling_flow(
     pretrain: PretrainConfig = PretrainConfig(),
     finetune: FinetuneConfig = FinetuneConfig(),
 ) -> dict:
-    """Pretrain the model-size × samples grid on every pool, evaluate, fit E = A·C^alpha.
+    """Pretrain the model-size × samples grid on every pool, evaluate, fit E = A·C^exponent.
 
     Every run takes the pretrain section's loop settings and is scored with the finetune
     section's prompt templates and linear-probe settings."""
@@ -63,9 +63,9 @@ def scaling_flow(
         publish_metrics(tracker, config.metrics_path, summary["metrics"])
         report_table("scaling-runs", [_run_line(r) for r in rows], "Scaling runs (accuracies)")
         report_table(
-            "scaling-alpha",
+            "scaling-exponent",
             summary["comparison"],
-            "Fitted exponent alpha of error vs training FLOPs, per task and pool (95% CI)",
+            "Fitted exponent of error vs training FLOPs, per task and pool (95% CI)",
         )
         for line in summary["comparison"]:
             print(line)

@@ -74,7 +74,7 @@ def test_index_round_trip_and_unique_ids(tmp_path):
             id="wiseft-a-a0.50",
             kind="wiseft",
             pool="a",
-            alpha=0.5,
+            wise_alpha=0.5,
             path="w.pt",
             extra={"variant": "linear"},
         ),
@@ -83,7 +83,7 @@ def test_index_round_trip_and_unique_ids(tmp_path):
     read = read_indices(tmp_path)
     assert [e.id for e in read] == ["zeroshot-a", "wiseft-a-a0.50"]
     assert read[0].path == str(tmp_path / "finetune" / "zs.pt")
-    assert read[1].alpha == 0.5 and read[1].extra == {"variant": "linear"}
+    assert read[1].wise_alpha == 0.5 and read[1].extra == {"variant": "linear"}
     write_index(tmp_path / "other", entries[:1])
     with pytest.raises(DataError, match="unique"):
         read_indices(tmp_path)
@@ -232,8 +232,8 @@ def test_stages_end_to_end(world):
         )
     )
     assert set(inter["end_to_end"]["val_accuracy"]) == {"0", "0.5", "1"}
-    assert inter["end_to_end"]["chosen_alpha"] in (0.0, 0.5, 1.0)
-    assert inter["linear"]["chosen_alpha"] in (0.0, 0.5, 1.0)
+    assert inter["end_to_end"]["chosen_wise_alpha"] in (0.0, 0.5, 1.0)
+    assert inter["linear"]["chosen_wise_alpha"] in (0.0, 0.5, 1.0)
     assert set(inter["soups"]) == {"uniform", "greedy"}
     val_accs = [ft["models"][f"finetuned-diverse-{i}"]["val_accuracy"] for i in range(2)]
     assert inter["soups"]["greedy"]["val_accuracy"] >= max(val_accs)
@@ -252,7 +252,7 @@ def test_stages_end_to_end(world):
     metrics = json.loads((world / "metrics" / "evaluate.json").read_text())
     assert set(metrics["baseline_fit"]) == {"shift-a", "shift-b", "avg"}
     rec = metrics["models"]["wiseft-diverse-a0.5"]
-    assert rec["kind"] == "wiseft" and rec["alpha"] == 0.5 and rec["pool"] == "diverse"
+    assert rec["kind"] == "wiseft" and rec["wise_alpha"] == 0.5 and rec["pool"] == "diverse"
     assert set(rec["accuracy"]) == {"val", "test", "shift-a", "shift-b"}
     assert set(rec["effective_robustness"]) == {"shift-a", "shift-b"}
     for key in ("id_accuracy", "ood_accuracy_avg", "effective_robustness_avg"):

@@ -13,7 +13,7 @@ from clipshift.errors import CheckpointError
 from clipshift.methods.metrics import accuracy
 from clipshift.methods.wiseft import (
     SweepPoint,
-    choose_alpha,
+    choose_wise_alpha,
     greedy_soup,
     interpolate_state_dicts,
     linear_wiseft_sweep,
@@ -79,14 +79,16 @@ def test_uniform_soup_is_the_mean():
     assert all(torch.equal(uniform_soup([t0])[k], t0[k]) for k in t0)
 
 
-def test_choose_alpha_picks_best_val_and_breaks_ties_towards_zero_shot():
+def test_choose_wise_alpha_picks_best_val_and_breaks_ties_towards_zero_shot():
     results = [
-        {"alpha": a, "val_accuracy": acc}
+        {"wise_alpha": a, "val_accuracy": acc}
         for a, acc in [(0.0, 0.5), (0.3, 0.8), (0.5, 0.8), (1.0, 0.7)]
     ]
-    assert choose_alpha(results) == 0.3
+    assert choose_wise_alpha(results) == 0.3
     assert (
-        choose_alpha([SweepPoint(0.9, 0.1, nn.Identity()), SweepPoint(0.2, 0.1, nn.Identity())])
+        choose_wise_alpha(
+            [SweepPoint(0.9, 0.1, nn.Identity()), SweepPoint(0.2, 0.1, nn.Identity())]
+        )
         == 0.2
     )
 
@@ -123,10 +125,10 @@ def test_linear_sweep_uses_one_feature_pass_and_matches_full_evaluation(models):
     feats = extract_features(counting, val.images, batch_size=8)
     points = linear_wiseft_sweep(feats, val.labels, zs.head, probe, ALPHAS)
     assert counting.calls == 3  # 24 images / batch 8: one pass for the whole sweep
-    assert [p.alpha for p in points] == ALPHAS
+    assert [p.wise_alpha for p in points] == ALPHAS
     counting.calls = 0
     for p in points:  # e2e-style: a full classifier per α, evaluated from pixels
-        state = interpolate_state_dicts(zs.head.state_dict(), probe.state_dict(), p.alpha)
+        state = interpolate_state_dicts(zs.head.state_dict(), probe.state_dict(), p.wise_alpha)
         clf = ImageClassifier(counting, make_head(state["weight"], state["bias"]), True)
         assert accuracy(clf, val, batch_size=8) == pytest.approx(p.val_accuracy)
     assert counting.calls == 3 * len(ALPHAS)

@@ -28,7 +28,7 @@ def summary():
             models[f"{pool}/a{alpha:.1f}"] = {
                 "kind": kind,
                 "pool": pool,
-                "alpha": float(alpha),
+                "wise_alpha": float(alpha),
                 "accuracy": {
                     "test": id_acc,
                     "shift-a": 0.25 + lift * np.sin(np.pi * alpha),

@@ -157,7 +157,7 @@ def _models():
         models[f"wise{alpha}"] = {
             "kind": "wiseft",
             "pool": "diverse",
-            "alpha": alpha,
+            "wise_alpha": alpha,
             "accuracy": {"test": 0.5 + 0.3 * alpha, "shift-a": 0.45, "shift-b": 0.3},
         }
     return models
@@ -176,14 +176,14 @@ def test_summarise_contract():
     assert set(rec) == {
         "kind",
         "pool",
-        "alpha",
+        "wise_alpha",
         "accuracy",
         "id_accuracy",
         "ood_accuracy_avg",
         "effective_robustness",
         "effective_robustness_avg",
     }
-    assert (rec["kind"], rec["pool"], rec["alpha"], rec["id_accuracy"]) == (
+    assert (rec["kind"], rec["pool"], rec["wise_alpha"], rec["id_accuracy"]) == (
         "wiseft",
         "diverse",
         0.5,
@@ -196,7 +196,7 @@ def test_summarise_contract():
     )
     assert rec["effective_robustness"]["shift-a"] > 0  # 0.45 is far above the line at 0.65
     assert out["models"]["base2"]["effective_robustness"]["shift-a"] == pytest.approx(0, abs=1e-9)
-    assert out["models"]["base0"]["pool"] is None and out["models"]["base0"]["alpha"] is None
+    assert out["models"]["base0"]["pool"] is None and out["models"]["base0"]["wise_alpha"] is None
 
 
 def test_summarise_external_join_and_replace():

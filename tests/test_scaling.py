@@ -24,10 +24,10 @@ X = np.geomspace(1e9, 1e13, 8)
 def test_pure_law_exact():
     fit = fit_power_law(X, 3.0 * X**-0.12, bootstrap=200)
     assert fit.A == pytest.approx(3.0, rel=1e-6)
-    assert fit.alpha == pytest.approx(-0.12, abs=1e-6)
+    assert fit.exponent == pytest.approx(-0.12, abs=1e-6)
     assert fit.E_inf is None and fit.n == 8 and fit.r2 == pytest.approx(1.0, abs=1e-12)
-    assert set(fit.ci95) == {"A", "alpha"}
-    lo, hi = fit.ci95["alpha"]  # noise-free: every resample gives the same line
+    assert set(fit.ci95) == {"A", "exponent"}
+    lo, hi = fit.ci95["exponent"]  # noise-free: every resample gives the same line
     assert hi - lo < 1e-9 and lo == pytest.approx(-0.12, abs=1e-6)
 
 
@@ -36,9 +36,9 @@ def test_pure_law_noisy_truth_inside_ci():
     x = np.repeat(X, 3)
     y = 3.0 * x**-0.12 * np.exp(rng.normal(0, 0.05, x.size))
     fit = fit_power_law(x, y, bootstrap=1000, seed=0)
-    assert fit.ci95["alpha"][0] < -0.12 < fit.ci95["alpha"][1]
+    assert fit.ci95["exponent"][0] < -0.12 < fit.ci95["exponent"][1]
     assert fit.ci95["A"][0] < 3.0 < fit.ci95["A"][1]
-    assert fit.ci95["alpha"][1] - fit.ci95["alpha"][0] < 0.05  # informative, not vacuous
+    assert fit.ci95["exponent"][1] - fit.ci95["exponent"][0] < 0.05  # informative, not vacuous
     assert fit_power_law(x, y, bootstrap=1000, seed=0).ci95 == fit.ci95  # seeded
 
 
@@ -47,8 +47,8 @@ def test_irreducible_exact_recovers_e_inf():
     fit = fit_power_law(X, y, irreducible=True, bootstrap=0)
     assert fit.E_inf == pytest.approx(0.15, abs=1e-6)
     assert fit.A == pytest.approx(2.0, rel=1e-5)
-    assert fit.alpha == pytest.approx(-0.2, abs=1e-6)
-    assert fit.ci95 == {"A": None, "alpha": None, "E_inf": None}
+    assert fit.exponent == pytest.approx(-0.2, abs=1e-6)
+    assert fit.ci95 == {"A": None, "exponent": None, "E_inf": None}
 
 
 def test_irreducible_noisy_ci_and_pure_law_misses():
@@ -57,7 +57,7 @@ def test_irreducible_noisy_ci_and_pure_law_misses():
     y = (2.0 * x**-0.2 + 0.15) * np.exp(rng.normal(0, 0.01, x.size))
     fit = fit_power_law(x, y, irreducible=True, bootstrap=300)
     assert fit.ci95["E_inf"][0] < 0.15 < fit.ci95["E_inf"][1]
-    assert fit.ci95["alpha"][0] < -0.2 < fit.ci95["alpha"][1]
+    assert fit.ci95["exponent"][0] < -0.2 < fit.ci95["exponent"][1]
     assert 0 <= fit.E_inf < y.min()
     # On curved data the irreducible model explains more than the straight log-log line.
     assert fit.r2 > fit_power_law(x, y, bootstrap=0).r2
@@ -68,7 +68,7 @@ def test_predict_scalar_array_and_dict():
     assert isinstance(predict(fit, 1e10), float)
     assert predict(fit, 1e10) == pytest.approx(3.0 * 1e10**-0.12)
     np.testing.assert_allclose(predict(fit.to_dict(), X), 3.0 * X**-0.12, rtol=1e-9)
-    assert predict({"A": 1.0, "alpha": -1.0, "E_inf": 0.5}, 2.0) == pytest.approx(1.0)
+    assert predict({"A": 1.0, "exponent": -1.0, "E_inf": 0.5}, 2.0) == pytest.approx(1.0)
 
 
 def test_prediction_band_brackets_fit():
@@ -136,7 +136,7 @@ def test_scaling_table_contract(caplog):
     fit = table["fits"]["zeroshot/diverse/vs_flops"]
     assert set(fit) == {
         "A",
-        "alpha",
+        "exponent",
         "E_inf",
         "r2",
         "ci95",
@@ -147,7 +147,7 @@ def test_scaling_table_contract(caplog):
         "n",
     }
     assert (fit["x"], fit["pool"], fit["task"], fit["n"]) == ("flops", "diverse", "zeroshot", 6)
-    assert fit["alpha"] == pytest.approx(-0.1, abs=1e-6)  # error = 1 - accuracy is the law
+    assert fit["exponent"] == pytest.approx(-0.1, abs=1e-6)  # error = 1 - accuracy is the law
     assert fit["A"] == pytest.approx(2.0, rel=1e-5)
     assert fit["holdout_rel_error"] < 1e-6
     assert table["fits"]["retrieval/narrow/vs_flops"]["A"] == pytest.approx(2.4, rel=1e-5)

@@ -98,7 +98,7 @@ def test_metrics_contract(study):
         for task in ("zeroshot", "retrieval"):  # a probe can reach 100 %: no error to fit
             for x in ("flops", "samples", "params"):
                 fit = metrics["fits"][f"{task}/{pool}/vs_{x}"]
-                assert {"A", "alpha", "E_inf", "r2", "ci95", "holdout_rel_error"} <= set(fit)
+                assert {"A", "exponent", "E_inf", "r2", "ci95", "holdout_rel_error"} <= set(fit)
                 assert fit["pool"] == pool and fit["task"] == task and fit["n"] == 3
     for run in metrics["runs"]:
         for key in ("zeroshot_accuracy", "retrieval_recall_1", "retrieval_recall_5",
@@ -108,7 +108,12 @@ def test_metrics_contract(study):
     assert result["fits"] == metrics["fits"]
     assert [row["task"] for row in result["comparison"]] == list(TASKS)
     row = result["comparison"][0]
-    assert {"alpha_diverse", "alpha_narrow", "alpha_ci95_diverse", "alpha_ci_overlap"} <= set(row)
+    assert {
+        "exponent_diverse",
+        "exponent_narrow",
+        "exponent_ci95_diverse",
+        "exponent_ci_overlap",
+    } <= set(row)
 
 
 def test_csv_figures_and_tracker(study):
@@ -214,5 +219,5 @@ def test_flow_reuses_runs_and_logs_child_runs(study, mlflow_store, prefect_harne
     assert sorted(r.data.tags["clipshift.pool"] for r in children) == ["diverse", "narrow"]
     stage = client.get_run(children[0].data.tags["mlflow.parentRunId"])
     assert stage.data.tags["clipshift.stage"] == "scaling"
-    assert "fits.zeroshot_diverse_vs_flops.alpha" in stage.data.metrics
+    assert "fits.zeroshot_diverse_vs_flops.exponent" in stage.data.metrics
     assert children[0].data.metrics["zeroshot_accuracy"] >= 0.0

@@ -69,7 +69,7 @@ def test_classifier_checkpoint_round_trip(bundle, tmp_path):
         "classnames": CLASSES,
         "kind": "zeroshot",
         "pool": "diverse",
-        "alpha": None,
+        "wise_alpha": None,
     }
     path = save_classifier(tmp_path / "zs.pt", clf, meta)
     assert sidecar_path(path).exists()

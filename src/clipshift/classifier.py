@@ -79,7 +79,8 @@ def make_head(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Line
     return head
 
 
-def clip_classifier(clip_model: nn.Module, class_embeddings: torch.Tensor) -> ImageClassifier:
+def clip_classifier(clip_model: Any, class_embeddings: torch.Tensor) -> ImageClassifier:
+    """``clip_model``: an open_clip CLIP (see :data:`clipshift.models.ClipModel`)."""
     """Zero-shot classifier: a copy of CLIP's tower, head = logit_scale · class embeddings.
 
     Scaling the head by CLIP's learned temperature (as WiSE-FT does) gives calibrated logits,

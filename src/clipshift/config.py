@@ -410,7 +410,7 @@ class InterpolateConfig(StrictModel):
     def _alphas_in_unit_interval(cls, value: list[float]) -> list[float]:
         bad = [a for a in value if not 0.0 <= a <= 1.0]
         if bad:
-            raise ValueError(f"every alpha must lie in [0, 1]; out of range: {bad}")
+            raise ValueError(f"every WiSE-FT alpha must lie in [0, 1]; out of range: {bad}")
         if not value:
             raise ValueError("give at least one alpha")
         return sorted(set(value))
@@ -481,7 +481,7 @@ class ScalingConfig(StrictModel):
     pools: list[str] = Field(default_factory=lambda: ["diverse", "narrow"])
     grid: list[ScalingRun] = Field(default_factory=_default_scaling_grid)
     irreducible: bool = Field(
-        False, description="Fit E = A*C^alpha + E_inf instead of a pure power law."
+        False, description="Fit E = A*C^exponent + E_inf instead of a pure power law."
     )
     bootstrap: int = Field(1000, ge=10, le=100000, description="Bootstrap resamples for the CIs.")
     batch_size: int = Field(64, ge=1)

@@ -23,6 +23,11 @@ CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
 
 
+# open_clip's CLIP / CustomTextCLIP. Their encode_image, encode_text, visual and logit_scale
+# are invisible to type checkers through nn.Module.__getattr__, hence Any.
+ClipModel = Any
+
+
 @dataclass
 class ClipBundle:
     """An open_clip model with what is needed to feed it."""

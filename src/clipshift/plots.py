@@ -104,8 +104,8 @@ def _draw_wiseft(ax: plt.Axes, points: dict, transform: str, extra: dict) -> set
     """One α-curve per pool, with α labels at both ends and the middle; returns drawn ids."""
     curves: dict[str, list[tuple[float, str]]] = {}
     for mid, p in points.items():
-        if p.get("alpha") is not None:
-            curves.setdefault(str(p.get("pool")), []).append((float(p["alpha"]), mid))
+        if p.get("wise_alpha") is not None:
+            curves.setdefault(str(p.get("pool")), []).append((float(p["wise_alpha"]), mid))
     drawn: set[str] = set()
     for i, (pool, members) in enumerate(sorted(curves.items())):
         members.sort()
@@ -288,11 +288,11 @@ def plot_scaling(
     lo, hi = prediction_band(x, y, grid, irreducible, bootstrap, seed)
     ax.fill_between(grid, lo, hi, color="#1f77b4", alpha=0.18, lw=0, label="95% bootstrap band")
     curve = predict(fit, grid)
-    label = f"$E = {fit['A']:.3g}\\,x^{{{fit['alpha']:.3f}}}$"
+    label = f"$E = {fit['A']:.3g}\\,x^{{{fit['exponent']:.3f}}}$"
     if irreducible:
         label = label[:-1] + f" + {fit['E_inf']:.3g}$"
-    if fit.get("ci95", {}).get("alpha"):
-        a_lo, a_hi = fit["ci95"]["alpha"]
+    if fit.get("ci95", {}).get("exponent"):
+        a_lo, a_hi = fit["ci95"]["exponent"]
         label += f"\nα 95% CI [{a_lo:.3f}, {a_hi:.3f}]"
     ax.plot(grid[inside], curve[inside], color="#1f77b4", lw=1.8, label=label)
     ax.plot(grid[~inside], curve[~inside], color="#1f77b4", lw=1.8, ls="--", label="extrapolation")

@@ -35,7 +35,9 @@ class ModelEntry(BaseModel):
     id: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Unique across all indices.")
     kind: Kind
     pool: str | None = Field(None, description="Pretraining pool it derives from (None: baseline).")
-    alpha: float | None = Field(None, description="WiSE-FT mixing weight (wiseft models only).")
+    wise_alpha: float | None = Field(
+        None, description="WiSE-FT mixing weight (wiseft models only)."
+    )
     path: str = Field(..., description="Model file, relative to the index directory on disk.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Training facts (lr, seed, …).")
 

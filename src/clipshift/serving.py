@@ -16,6 +16,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.pyfunc import PythonModel
 from PIL import Image
 
 from clipshift.errors import DataError
@@ -37,7 +38,7 @@ def images_to_uint8(model_input: Any, size: int) -> torch.Tensor:
     return tensor if tensor.shape[1] == 3 else tensor.permute(0, 3, 1, 2).contiguous()
 
 
-class ClassifierModel(mlflow.pyfunc.PythonModel):
+class ClassifierModel(PythonModel):
     """Wraps a classifier checkpoint stored as the model's ``classifier`` artifact."""
 
     def load_context(self, context: Any) -> None:

@@ -12,7 +12,7 @@ import statistics
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -49,11 +49,11 @@ def build_optimizer(
     # 49k-row token embedding makes the update a large share of a small model's step) and is
     # deterministic; fall back to foreach where fused is unavailable (e.g. fp16 parameters).
     groups = param_groups(model, weight_decay)
-    kwargs = dict(lr=lr, betas=(beta1, beta2), eps=eps)
     try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
+        return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, fused=True)
     except (RuntimeError, ValueError):
-        return torch.optim.AdamW(param_groups(model, weight_decay), foreach=True, **kwargs)
+        groups = param_groups(model, weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps, foreach=True)
 
 
 def cosine_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -191,7 +191,7 @@ def set_threads(local_world_size: int = 1) -> int:
 
 def capture_rng() -> dict[str, Any]:
     """RNG states as tensors and lists, so ``torch.load(weights_only=True)`` can read them."""
-    np_state = np.random.get_state()
+    np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
     py_state = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),

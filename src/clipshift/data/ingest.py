@@ -191,7 +191,7 @@ def _no_checksum(src: SourceConfig, what: str) -> None:
 
 def _pattern_shards(uris: list[str], cache_dir: Path, progress: bool) -> list[Shard]:
     locs = [parse_uri(u) for u in uris]
-    missing = [str(loc.path) for loc in locs if not loc.is_remote and not loc.path.exists()]
+    missing = [str(loc.path) for loc in locs if not loc.is_remote and not loc.local.exists()]
     if missing:  # fail before writing anything, naming what is absent
         raise DataError(
             f"{len(missing)} of {len(locs)} shards of the pattern do not exist (first: "
@@ -266,7 +266,7 @@ def _resolve_s3_prefix(
     src: SourceConfig, loc: Location, cache_dir: Path, progress: bool
 ) -> tuple[str, list, dict]:
     _expect_format(src, ("auto", "webdataset", "imagefolder"), "an s3 prefix is a directory")
-    objects = s3_list(loc.bucket, loc.key)
+    objects = s3_list(*loc.s3)
     if not objects:
         raise DataError(
             f"no objects under {loc.uri}; check the prefix (it must end with '/') and list it "
@@ -276,7 +276,7 @@ def _resolve_s3_prefix(
     if src.format == "webdataset" or (src.format == "auto" and shards):
         if not shards:
             raise DataError(f"no .tar shards under {loc.uri}; check the prefix or `format:`")
-        found = [_s3_shard(loc.bucket, k, st, cache_dir, progress) for k, st in shards]
+        found = [_s3_shard(loc.s3[0], k, st, cache_dir, progress) for k, st in shards]
         return "webdataset", found, {}
     return "imagefolder", _s3_entries(loc, objects, cache_dir), {}
 
@@ -290,7 +290,7 @@ def _s3_entries(
 ) -> list[ImageEntry]:
     entries = []
     for key, stat in objects:
-        parts = key[len(loc.key) :].split("/", 1)
+        parts = key[len(loc.s3[1]) :].split("/", 1)
         if len(parts) < 2 or not parts[1] or parts[0].startswith("."):
             continue  # objects beside the class folders (README, index files)
         obj = parse_uri(f"s3://{loc.bucket}/{key}")
@@ -401,14 +401,15 @@ class LabelMap:
 
 def _map_onto(src: SourceConfig, task: list[str] | None) -> tuple[list[str], dict[str, int]]:
     """Apply ``class_map`` (source name -> task class name); unknown targets are an error."""
-    targets = list(task) if task else sorted(set(src.class_map.values()))
-    unknown = sorted({v for v in src.class_map.values() if v not in targets})
+    class_map = src.class_map or {}
+    targets = list(task) if task else sorted(set(class_map.values()))
+    unknown = sorted({v for v in class_map.values() if v not in targets})
     if unknown:
         raise DataError(
             f"source '{src.name}': class_map targets {unknown} are not task classes; fix "
             f"their spelling in params.yaml (task classes include {targets[:8]}...)"
         )
-    return targets, {k: targets.index(v) for k, v in src.class_map.items()}
+    return targets, {k: targets.index(v) for k, v in class_map.items()}
 
 
 def folder_label_map(src: SourceConfig, folders: list[str], task: list[str] | None) -> LabelMap:
@@ -594,7 +595,8 @@ def imagefolder_samples(
     entries: list[ImageEntry], labels: LabelMap, stats: ReadStats, max_samples: int | None
 ) -> Iterator[dict[str, Any]]:
     """Labelled samples, classes interleaved so that a ``max_samples`` cut keeps every class."""
-    kept = [e for e in entries if e.folder in labels.index]
+    index = labels.index or {}
+    kept = [e for e in entries if e.folder in index]
     if len(kept) < len(entries):
         stats.reasons["folder not in class_map"] = len(entries) - len(kept)
         stats.skipped += len(entries) - len(kept)
@@ -625,6 +627,8 @@ def convert_image_file(entry: ImageEntry, labels: LabelMap) -> dict[str, Any]:
         raise SkipSample("unsupported image type" if ext in OTHER_IMAGE_EXTS else "not an image")
     data = entry.read()
     check_image(data, ext)
+    if labels.index is None or labels.classes is None:
+        raise DataError(f"'{entry.uri}': an ImageFolder tree needs class labels (class folders)")
     label = labels.index[entry.folder]
     name = labels.classes[label]
     meta = {"source_uri": entry.uri, "folder": entry.folder, "file": entry.name, "class": name}

@@ -63,7 +63,7 @@ def image_to_uint8(image: Image.Image, size: int | None = None) -> torch.Tensor:
     """3×H×W uint8 tensor of an RGB version of ``image``, resized (bicubic) to ``size``²."""
     image = to_rgb(image)
     if size is not None and image.size != (size, size):
-        image = image.resize((size, size), Image.BICUBIC)
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
     array = np.asarray(image, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 

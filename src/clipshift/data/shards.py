@@ -257,7 +257,9 @@ def group_members(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]
             continue
         name = member.name
         if name.startswith("/") or ".." in Path(name).parts:
-            raise DataError(f"unsafe member path '{name}' in shard {tar.name}; refusing to read it")
+            raise DataError(
+                f"unsafe member path '{name}' in shard {tar.name!r}; refusing to read it"
+            )
         base = name.rsplit("/", 1)[-1]
         if "." not in base:
             continue

@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from braceexpand import UnbalancedBracesError, braceexpand
+from braceexpand import UnbalancedBracesError, braceexpand  # type: ignore[attr-defined]  # not in its stubs
 
 from clipshift.data.download import CHUNK, RangeResponse, TransientError, download, part_path
 from clipshift.data.shards import sha256_file
@@ -48,17 +48,32 @@ class Location:
         return self.scheme in REMOTE_SCHEMES
 
     @property
+    def local(self) -> Path:
+        """The path of a local location."""
+        if self.path is None:
+            raise DataError(f"'{self.uri}' is not a local path")
+        return self.path
+
+    @property
+    def s3(self) -> tuple[str, str]:
+        """(bucket, key) of an ``s3://`` location."""
+        if self.bucket is None or self.key is None:
+            raise DataError(f"'{self.uri}' is not an s3:// URI")
+        return self.bucket, self.key
+
+    @property
     def is_prefix(self) -> bool:
         """An S3 'directory' (``s3://bucket/`` or ``s3://bucket/prefix/``) or a local directory."""
         if self.scheme == "s3":
-            return self.key == "" or self.key.endswith("/")
-        return self.scheme == "file" and self.path.is_dir()
+            key = self.s3[1]
+            return key == "" or key.endswith("/")
+        return self.scheme == "file" and self.local.is_dir()
 
     @property
     def basename(self) -> str:
         if self.scheme == "file":
-            return self.path.name
-        tail = self.key if self.scheme == "s3" else urlsplit(self.uri).path
+            return self.local.name
+        tail = self.s3[1] if self.scheme == "s3" else urlsplit(self.uri).path
         return tail.rstrip("/").rsplit("/", 1)[-1]
 
 
@@ -114,13 +129,13 @@ def _parse_s3(uri: str) -> Location:
 
 
 def require_local(loc: Location) -> Path:
-    if not loc.path.exists():
+    if not loc.local.exists():
         raise DataError(
             f"source path '{loc.path}' does not exist (resolved from '{Path.cwd()}'). Fix the "
             "`uri:` of this source in params.yaml (relative paths start at the repository "
             "root), or put the data there first"
         )
-    return loc.path
+    return loc.local
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,13 +421,13 @@ def materialise(
 
 def remote_stat(loc: Location) -> RemoteStat:
     if loc.scheme == "s3":
-        return s3_stat(loc.bucket, loc.key)
+        return s3_stat(*loc.s3)
     return http_stat(loc.uri)
 
 
 def opener(loc: Location):
     if loc.scheme == "s3":
-        return _s3_opener(loc.bucket, loc.key)
+        return _s3_opener(*loc.s3)
     return _http_opener(loc.uri)
 
 

@@ -8,20 +8,24 @@ pretrained models' retrieval.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from clipshift.classifier import extract_features, module_device, to_model_input
+from clipshift.classifier import (
+    extract_features,
+    module_device,
+    to_model_input,
+    visual_image_size,
+)
 from clipshift.data.loaders import LabelledData
 from clipshift.errors import DataError
 from clipshift.methods.linear_probe import train_linear_probe
 from clipshift.methods.metrics import recall_at_k, top1
 from clipshift.methods.zeroshot import zeroshot_classifier
-from clipshift.models import ClipBundle
+from clipshift.models import ClipBundle, ClipModel
 
 FEATURE_BATCH = 256
 
@@ -55,8 +59,8 @@ class EvalProtocol:
 
 @torch.inference_mode()
 def retrieval_recall(
-    model: nn.Module,
-    tokenizer,
+    model: ClipModel,
+    tokenizer: Callable[[list[str]], torch.Tensor],
     images: torch.Tensor,
     captions: Sequence[str],
     ks: Sequence[int] = (1, 5, 10),
@@ -68,7 +72,7 @@ def retrieval_recall(
         raise DataError(f"{len(images)} images but {len(captions)} captions; pair them 1:1")
     model.eval()
     device = device or module_device(model)
-    size = model.visual.image_size[0] if hasattr(model.visual, "image_size") else None
+    size = visual_image_size(model.visual)
     img, txt = [], []
     for start in range(0, len(images), batch_size):
         batch = to_model_input(images[start : start + batch_size], size).to(device)

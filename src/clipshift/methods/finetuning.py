@@ -13,7 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipshift import distributed as D
-from clipshift.classifier import ImageClassifier, default_device, to_model_input
+from clipshift.classifier import (
+    ImageClassifier,
+    default_device,
+    to_model_input,
+    visual_image_size,
+)
 from clipshift.errors import DataError
 from clipshift.methods.metrics import accuracy
 from clipshift.progress import progress_bar
@@ -90,7 +95,7 @@ def finetune_end_to_end(
     total = epochs * steps_per_epoch
     clf.to(device).train()
     model = _ddp(clf, device)
-    size = clf.visual.image_size[0] if hasattr(clf.visual, "image_size") else None
+    size = visual_image_size(clf.visual)
     head = list(clf.head.parameters())
     tower = [p for p in clf.parameters() if all(p is not h for h in head)]
     groups = [{"params": tower, "lr": lr}, {"params": head, "lr": lr * head_lr_scale}]

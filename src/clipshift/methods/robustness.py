@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.stats import norm
 
 from clipshift.errors import DataError
@@ -89,7 +90,7 @@ def _scalar_or_array(value: np.ndarray, like: Any) -> Any:
 
 
 def fit_baseline(
-    id_acc: Sequence[float], ood_acc: Sequence[float], transform: Transform = "logit"
+    id_acc: ArrayLike, ood_acc: ArrayLike, transform: Transform = "logit"
 ) -> BaselineFit:
     """Least-squares line of transform(ood) on transform(id); R² is in the transformed space."""
     x = to_axis(id_acc, transform).ravel()
@@ -238,7 +239,7 @@ def summarise(
     """Fit the baseline line per shift (and on the shift average) and report every model's ER.
 
     ``models``: ``{model_id: {"accuracy": {dataset: acc}, "kind": str, "pool"?: str,
-    "alpha"?: float}}``. ``external`` (from :func:`load_external_baselines`) joins the baseline
+    "wise_alpha"?: float}}``. ``external`` (from :func:`load_external_baselines`) joins the baseline
     models (``external_mode="join"``) or replaces them (``"replace"``); its rows also appear in
     ``models`` as ``external/<name>`` with kind ``"external"``. ``baseline_fit["avg"]`` is the
     line of mean shift accuracy on ID accuracy; a model's ``effective_robustness_avg`` is the
@@ -291,11 +292,11 @@ def _model_record(
         )
     id_acc = float(acc[id_dataset])
     er = {s: float(effective_robustness(fits[s], id_acc, float(acc[s]))) for s in shifts}
-    alpha = rec.get("alpha")
+    wise_alpha = rec.get("wise_alpha")
     return {
         "kind": rec.get("kind"),
         "pool": rec.get("pool"),
-        "alpha": None if alpha is None else float(alpha),
+        "wise_alpha": None if wise_alpha is None else float(wise_alpha),
         "accuracy": {k: float(v) for k, v in acc.items()},
         "id_accuracy": id_acc,
         "ood_accuracy_avg": float(np.mean([acc[s] for s in shifts])),

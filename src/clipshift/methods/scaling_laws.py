@@ -1,10 +1,10 @@
-"""Power-law scaling fits: E = A·x^alpha (+ E_inf), with bootstrap CIs and a hold-out check.
+"""Power-law scaling fits: E = A·x^exponent (+ E_inf), with bootstrap CIs and a hold-out check.
 
 Following Kaplan et al. (2020) and Cherti et al. (2023), error E (1 − accuracy, or
 1 − recall@k) is modelled as a power law in compute, samples seen or parameters. Without an
 irreducible term the fit is ordinary least squares of log E on log x (closed form). With one,
 ``scipy.optimize.least_squares`` minimises the same log-space residuals
-log E − log(A·x^alpha + E_inf) with E_inf ∈ [0, min E). Working in log space weighs every
+log E − log(A·x^exponent + E_inf) with E_inf ∈ [0, min E). Working in log space weighs every
 point by its *relative* error, as the scaling-law literature does. R² is reported in log-E
 space for both models.
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.optimize import least_squares
 from scipy.special import expit, logit
 
@@ -36,21 +37,21 @@ _E_MARGIN = 1e-9
 
 @dataclass
 class PowerLawFit:
-    """E = A·x^alpha (+ E_inf). ``ci95`` maps each parameter to [lo, hi] (None if unknown)."""
+    """E = A·x^exponent (+ E_inf). ``ci95`` maps each parameter to [lo, hi] (None if unknown)."""
 
     A: float
-    alpha: float
+    exponent: float
     E_inf: float | None
     r2: float
     ci95: dict[str, list[float] | None]
     n: int
-    #: Bootstrap draws of (log A, alpha, E_inf), for prediction bands; not serialised.
+    #: Bootstrap draws of (log A, exponent, E_inf), for prediction bands; not serialised.
     draws: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "A": self.A,
-            "alpha": self.alpha,
+            "exponent": self.exponent,
             "E_inf": self.E_inf,
             "r2": self.r2,
             "ci95": self.ci95,
@@ -62,7 +63,7 @@ class PowerLawFit:
 # single fits on log-space data
 
 
-def _as_positive(values: Sequence[float], name: str) -> np.ndarray:
+def _as_positive(values: ArrayLike, name: str) -> np.ndarray:
     arr = np.asarray(values, dtype=float).ravel()
     if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
         raise ValueError(f"a power law needs finite positive {name}, got {arr.tolist()}")
@@ -70,33 +71,33 @@ def _as_positive(values: Sequence[float], name: str) -> np.ndarray:
 
 
 def _ols(lx: np.ndarray, ly: np.ndarray) -> tuple[float, float]:
-    """Closed-form least squares ly = c + alpha·lx; returns (c = log A, alpha)."""
+    """Closed-form least squares ly = c + exponent·lx; returns (c = log A, exponent)."""
     dx = lx - lx.mean()
-    alpha = float(dx @ (ly - ly.mean()) / (dx @ dx))
-    return float(ly.mean() - alpha * lx.mean()), alpha
+    exponent = float(dx @ (ly - ly.mean()) / (dx @ dx))
+    return float(ly.mean() - exponent * lx.mean()), exponent
 
 
 def _log_model(params: np.ndarray, lx: np.ndarray) -> np.ndarray:
-    c, alpha, e_inf = params
-    return np.log(np.exp(c + alpha * lx) + e_inf)
+    c, exponent, e_inf = params
+    return np.log(np.exp(c + exponent * lx) + e_inf)
 
 
 def _grid_init(lx: np.ndarray, ly: np.ndarray) -> np.ndarray:
-    """Best (log A, alpha, E_inf) over a grid of E_inf, each with the closed-form power law."""
+    """Best (log A, exponent, E_inf) over a grid of E_inf, each with the closed-form power law."""
     e_inf = _E_GRID[:, None] * np.exp(ly).min()  # (grid, 1)
     ly_e = np.log(np.exp(ly)[None, :] - e_inf)  # the pure law fitted to y - E_inf, per row
     dx = lx - lx.mean()
-    alpha = (ly_e - ly_e.mean(axis=1, keepdims=True)) @ dx / (dx @ dx)
-    c = ly_e.mean(axis=1) - alpha * lx.mean()
-    pred = np.log(np.exp(c[:, None] + alpha[:, None] * lx[None, :]) + e_inf)
+    exponent = (ly_e - ly_e.mean(axis=1, keepdims=True)) @ dx / (dx @ dx)
+    c = ly_e.mean(axis=1) - exponent * lx.mean()
+    pred = np.log(np.exp(c[:, None] + exponent[:, None] * lx[None, :]) + e_inf)
     best = int(np.argmin(((ly[None, :] - pred) ** 2).sum(axis=1)))
-    return np.array([c[best], alpha[best], e_inf[best, 0]])
+    return np.array([c[best], exponent[best], e_inf[best, 0]])
 
 
 def _log_model_jac(params: np.ndarray, lx: np.ndarray) -> np.ndarray:
-    """Jacobian of the residual ly - log(A x^alpha + E_inf) in (log A, alpha, E_inf)."""
-    c, alpha, e_inf = params
-    power = np.exp(c + alpha * lx)
+    """Jacobian of the residual ly - log(A x^exponent + E_inf) in (log A, exponent, E_inf)."""
+    c, exponent, e_inf = params
+    power = np.exp(c + exponent * lx)
     total = power + e_inf
     return -np.stack([power / total, power * lx / total, 1.0 / total], axis=1)
 
@@ -119,11 +120,11 @@ def _fit_irreducible(lx: np.ndarray, ly: np.ndarray) -> np.ndarray:
 
 
 def _fit_params(lx: np.ndarray, ly: np.ndarray, irreducible: bool) -> np.ndarray:
-    """(log A, alpha, E_inf) for one data set; E_inf is 0 for the pure law."""
+    """(log A, exponent, E_inf) for one data set; E_inf is 0 for the pure law."""
     if irreducible:
         return _fit_irreducible(lx, ly)
-    c, alpha = _ols(lx, ly)
-    return np.array([c, alpha, 0.0])
+    c, exponent = _ols(lx, ly)
+    return np.array([c, exponent, 0.0])
 
 
 def _refit_fast(lx: np.ndarray, ly: np.ndarray) -> np.ndarray:
@@ -163,7 +164,7 @@ def _min_distinct(irreducible: bool) -> int:
 def _bootstrap(
     lx: np.ndarray, ly: np.ndarray, irreducible: bool, n_boot: int, seed: int, start: np.ndarray
 ) -> np.ndarray:
-    """(log A, alpha, E_inf) refitted on ``n_boot`` resamples of the points."""
+    """(log A, exponent, E_inf) refitted on ``n_boot`` resamples of the points."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, lx.size, size=(n_boot, lx.size))
     # A resample with exactly as many distinct x as parameters is interpolated exactly, which
@@ -175,9 +176,9 @@ def _bootstrap(
         # Vectorised closed form: one slope per resample row.
         bx, by = lx[idx], ly[idx]
         dx = bx - bx.mean(axis=1, keepdims=True)
-        alpha = (dx * (by - by.mean(axis=1, keepdims=True))).sum(1) / (dx * dx).sum(1)
-        c = by.mean(axis=1) - alpha * bx.mean(axis=1)
-        return np.stack([c, alpha, np.zeros_like(c)], axis=1)
+        exponent = (dx * (by - by.mean(axis=1, keepdims=True))).sum(1) / (dx * dx).sum(1)
+        c = by.mean(axis=1) - exponent * bx.mean(axis=1)
+        return np.stack([c, exponent, np.zeros_like(c)], axis=1)
     draws = [_refit_fast(lx[i], ly[i]) for i in idx]
     return np.array(draws).reshape(-1, 3)
 
@@ -194,20 +195,20 @@ def _percentile_ci(values: np.ndarray) -> list[float] | None:
 
 
 def fit_power_law(
-    x: Sequence[float],
-    y: Sequence[float],
+    x: ArrayLike,
+    y: ArrayLike,
     irreducible: bool = False,
     bootstrap: int = 1000,
     seed: int = 0,
 ) -> PowerLawFit:
-    """Fit E = A·x^alpha (+ E_inf when ``irreducible``); ``bootstrap=0`` skips the CIs."""
+    """Fit E = A·x^exponent (+ E_inf when ``irreducible``); ``bootstrap=0`` skips the CIs."""
     xs, ys = _as_positive(x, "x"), _as_positive(y, "y")
     if xs.size != ys.size:
         raise ValueError(f"x has {xs.size} values but y has {ys.size}")
     need = _min_distinct(irreducible)
     if np.unique(xs).size < need:
         raise ValueError(
-            f"fitting {'A·x^alpha + E_inf' if irreducible else 'A·x^alpha'} needs at least "
+            f"fitting {'A·x^exponent + E_inf' if irreducible else 'A·x^exponent'} needs at least "
             f"{need} distinct x values, got {np.unique(xs).tolist()}; add runs of other sizes"
         )
     lx, ly = np.log(xs), np.log(ys)
@@ -217,17 +218,17 @@ def fit_power_law(
     ss_res = float(resid @ resid)
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float(ss_res < 1e-12)
     draws = _bootstrap(lx, ly, irreducible, bootstrap, seed, params) if bootstrap > 0 else None
-    ci95: dict[str, list[float] | None] = {"A": None, "alpha": None}
+    ci95: dict[str, list[float] | None] = {"A": None, "exponent": None}
     if irreducible:
         ci95["E_inf"] = None
     if draws is not None:
         ci95["A"] = _percentile_ci(np.exp(draws[:, 0]))
-        ci95["alpha"] = _percentile_ci(draws[:, 1])
+        ci95["exponent"] = _percentile_ci(draws[:, 1])
         if irreducible:
             ci95["E_inf"] = _percentile_ci(draws[:, 2])
     return PowerLawFit(
         A=float(np.exp(params[0])),
-        alpha=float(params[1]),
+        exponent=float(params[1]),
         E_inf=float(params[2]) if irreducible else None,
         r2=float(r2),
         ci95=ci95,
@@ -241,16 +242,16 @@ def _get(fit: PowerLawFit | Mapping[str, Any], key: str) -> Any:
 
 
 def predict(fit: PowerLawFit | Mapping[str, Any], x: Any) -> Any:
-    """A·x^alpha + E_inf at ``x`` (scalar in, float out); accepts a fit or its dict."""
+    """A·x^exponent + E_inf at ``x`` (scalar in, float out); accepts a fit or its dict."""
     e_inf = _get(fit, "E_inf") or 0.0
-    out = _get(fit, "A") * np.power(np.asarray(x, dtype=float), _get(fit, "alpha")) + e_inf
+    out = _get(fit, "A") * np.power(np.asarray(x, dtype=float), _get(fit, "exponent")) + e_inf
     return float(out) if np.ndim(out) == 0 else out
 
 
 def prediction_band(
-    x: Sequence[float],
-    y: Sequence[float],
-    x_grid: Sequence[float],
+    x: ArrayLike,
+    y: ArrayLike,
+    x_grid: ArrayLike,
     irreducible: bool = False,
     bootstrap: int = 1000,
     seed: int = 0,
@@ -266,7 +267,7 @@ def prediction_band(
     return lo, hi
 
 
-def holdout_error(x: Sequence[float], y: Sequence[float], irreducible: bool = False) -> dict:
+def holdout_error(x: ArrayLike, y: ArrayLike, irreducible: bool = False) -> dict:
     """Fit without the largest-x point(s), extrapolate to it, report the relative error.
 
     When several runs share the largest x (e.g. two sample counts at the largest model), all
@@ -291,7 +292,7 @@ def _group_name(group: Mapping[str, Any], group_by: Sequence[str], x_key: str) -
     return "/".join([*(str(group[k]) for k in order), f"vs_{x_key}"])
 
 
-def _require(runs: list[Mapping[str, Any]], keys: Iterable[str]) -> None:
+def _require(runs: Sequence[Mapping[str, Any]], keys: Iterable[str]) -> None:
     for i, run in enumerate(runs):
         missing = [k for k in keys if k not in run]
         if missing:
@@ -299,7 +300,7 @@ def _require(runs: list[Mapping[str, Any]], keys: Iterable[str]) -> None:
 
 
 def _one_fit(
-    runs: list[Mapping[str, Any]],
+    runs: Sequence[Mapping[str, Any]],
     x_key: str,
     y_key: str,
     as_error: bool,
@@ -336,10 +337,10 @@ def fit_scaling_table(
     ``<task>/<pool>/vs_<x_key>``; groups with too few distinct x values are skipped with a
     logged warning. ``holdout_rel_error`` is None when the hold-out fit is impossible.
     """
-    runs = [dict(r) for r in runs]
-    _require(runs, [*group_by, *x_keys, y_key])
+    rows = [dict(r) for r in runs]
+    _require(rows, [*group_by, *x_keys, y_key])
     groups: dict[tuple, list[dict]] = {}
-    for run in runs:
+    for run in rows:
         groups.setdefault(tuple(run[k] for k in group_by), []).append(run)
     fits: dict[str, Any] = {}
     for key in sorted(groups, key=lambda t: tuple(map(str, t))):
@@ -352,4 +353,4 @@ def fit_scaling_table(
                 log.warning("skipping scaling fit %s: %s", name, err)
                 continue
             fits[name] = {**entry, "x": x_key, **{k: group[k] for k in group_by}}
-    return {"fits": fits, "runs": runs}
+    return {"fits": fits, "runs": rows}

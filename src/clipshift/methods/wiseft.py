@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -81,25 +81,25 @@ def _clip_list(items: list[str], limit: int = 8) -> str:
 
 
 def interpolate_state_dicts(
-    theta_0: StateDict, theta_1: StateDict, alpha: float
+    theta_0: StateDict, theta_1: StateDict, wise_alpha: float
 ) -> dict[str, torch.Tensor]:
     """(1 − α)·θ0 + α·θ1 for every float tensor; non-float buffers are copied from θ0.
 
     α = 0 and α = 1 return clones of the endpoints, bit for bit (the formula would round:
     (1 − 1)·x + 1·y is y, but 0·inf or 0·nan is nan, and an endpoint must be exactly itself).
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if not 0.0 <= wise_alpha <= 1.0:
+        raise ValueError(f"wise_alpha must lie in [0, 1], got {wise_alpha}")
     check_compatible(theta_0, theta_1)
-    if alpha == 0.0:
+    if wise_alpha == 0.0:
         return {k: v.detach().clone() for k, v in theta_0.items()}
-    if alpha == 1.0:
+    if wise_alpha == 1.0:
         return {k: v.detach().clone() for k, v in theta_1.items()}
     out = {}
     for key, v0 in theta_0.items():
         v0 = v0.detach()
         if v0.is_floating_point() or v0.is_complex():
-            out[key] = (1.0 - alpha) * v0 + alpha * theta_1[key].detach()
+            out[key] = (1.0 - wise_alpha) * v0 + wise_alpha * theta_1[key].detach()
         else:
             out[key] = v0.clone()
     return out
@@ -124,7 +124,10 @@ def uniform_soup(state_dicts: Sequence[StateDict]) -> dict[str, torch.Tensor]:
     return out
 
 
-def with_state(template: nn.Module, state: StateDict) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def with_state(template: M, state: StateDict) -> M:
     """A copy of ``template`` holding ``state``."""
     model = copy.deepcopy(template)
     model.load_state_dict(state)
@@ -137,20 +140,20 @@ def with_state(template: nn.Module, state: StateDict) -> nn.Module:
 
 @dataclass
 class SweepPoint:
-    alpha: float
+    wise_alpha: float
     val_accuracy: float
     model: nn.Module  # the interpolated ImageClassifier (end-to-end) or head (linear)
 
 
 def wiseft_model(
-    zeroshot: ImageClassifier, finetuned: ImageClassifier, alpha: float
+    zeroshot: ImageClassifier, finetuned: ImageClassifier, wise_alpha: float
 ) -> ImageClassifier:
     if zeroshot.normalize_features != finetuned.normalize_features:
         raise CheckpointError(
             "zero-shot and fine-tuned classifiers differ in feature normalisation"
         )
     return with_state(
-        zeroshot, interpolate_state_dicts(zeroshot.state_dict(), finetuned.state_dict(), alpha)
+        zeroshot, interpolate_state_dicts(zeroshot.state_dict(), finetuned.state_dict(), wise_alpha)
     )
 
 
@@ -164,10 +167,10 @@ def wiseft_sweep(
 ) -> list[SweepPoint]:
     """End-to-end WiSE-FT: every parameter of tower and head mixed; val accuracy per α."""
     points = []
-    for alpha in alphas:
-        model = wiseft_model(zeroshot_clf, finetuned_clf, float(alpha))
+    for wise_alpha in alphas:
+        model = wiseft_model(zeroshot_clf, finetuned_clf, float(wise_alpha))
         points.append(
-            SweepPoint(float(alpha), accuracy(model, val, batch_size, device), model.cpu())
+            SweepPoint(float(wise_alpha), accuracy(model, val, batch_size, device), model.cpu())
         )
     return points
 
@@ -184,21 +187,23 @@ def linear_wiseft_sweep(
     x = F.normalize(features.float(), dim=-1) if normalize else features.float()
     y = torch.as_tensor(labels, dtype=torch.long)
     points = []
-    for alpha in alphas:
-        state = interpolate_state_dicts(zs_head.state_dict(), probe_head.state_dict(), float(alpha))
+    for wise_alpha in alphas:
+        state = interpolate_state_dicts(
+            zs_head.state_dict(), probe_head.state_dict(), float(wise_alpha)
+        )
         head = make_head(state["weight"], state["bias"])
         with torch.no_grad():
             acc = top1(head(x), y)
-        points.append(SweepPoint(float(alpha), acc, head))
+        points.append(SweepPoint(float(wise_alpha), acc, head))
     return points
 
 
-def choose_alpha(results: Sequence[Any]) -> float:
+def choose_wise_alpha(results: Sequence[Any]) -> float:
     """The α with the highest validation accuracy; ties go to the smaller α.
 
     Smaller α is closer to the zero-shot model, whose robustness WiSE-FT wants to keep, so
     between equally accurate (on val) mixtures the more conservative one is preferred.
-    ``results``: SweepPoints or dicts with ``alpha`` and ``val_accuracy``.
+    ``results``: SweepPoints or dicts with ``wise_alpha`` and ``val_accuracy``.
     """
     if not results:
         raise ValueError("no sweep results to choose α from")
@@ -206,8 +211,8 @@ def choose_alpha(results: Sequence[Any]) -> float:
     def get(r: Any, key: str) -> float:
         return float(r[key] if isinstance(r, Mapping) else getattr(r, key))
 
-    best = min(results, key=lambda r: (-get(r, "val_accuracy"), get(r, "alpha")))
-    return get(best, "alpha")
+    best = min(results, key=lambda r: (-get(r, "val_accuracy"), get(r, "wise_alpha")))
+    return get(best, "wise_alpha")
 
 
 def greedy_soup(

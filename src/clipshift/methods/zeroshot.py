@@ -10,14 +10,14 @@ so the head scores cosine similarity. This is what CLIP's notebook and open_clip
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from clipshift.classifier import ImageClassifier, clip_classifier
 from clipshift.errors import ConfigError
-from clipshift.models import ClipBundle
+from clipshift.models import ClipBundle, ClipModel
 
 
 def fill_templates(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
@@ -32,8 +32,8 @@ def fill_templates(classnames: Sequence[str], templates: Sequence[str]) -> list[
 
 @torch.no_grad()
 def zeroshot_head(
-    model: torch.nn.Module,
-    tokenizer,
+    model: ClipModel,
+    tokenizer: Callable[[list[str]], torch.Tensor],
     classnames: Sequence[str],
     templates: Sequence[str],
     device: str | torch.device | None = None,

@@ -185,7 +185,12 @@ def eval_dataset_names(data_dir: str | Path) -> dict[str, str]:
 
 def _records(entries: Sequence[ModelEntry], acc: Mapping[str, Mapping[str, float]]) -> dict:
     return {
-        e.id: {"kind": e.kind, "pool": e.pool, "alpha": e.alpha, "accuracy": dict(acc[e.id])}
+        e.id: {
+            "kind": e.kind,
+            "pool": e.pool,
+            "wise_alpha": e.wise_alpha,
+            "accuracy": dict(acc[e.id]),
+        }
         for e in entries
     }
 
@@ -211,7 +216,7 @@ def write_table(
         "model",
         "kind",
         "pool",
-        "alpha",
+        "wise_alpha",
         "variant",
         "id_accuracy",
         "ood_accuracy_avg",

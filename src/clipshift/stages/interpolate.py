@@ -30,7 +30,7 @@ from clipshift.io_utils import write_json_atomic
 from clipshift.methods.metrics import accuracy
 from clipshift.methods.wiseft import (
     SweepPoint,
-    choose_alpha,
+    choose_wise_alpha,
     greedy_soup,
     linear_wiseft_sweep,
     uniform_soup,
@@ -48,8 +48,8 @@ def _pick(entries: list[ModelEntry], kind: str, pool: str | None = None) -> list
     return [e for e in entries if e.kind == kind and (pool is None or e.pool == pool)]
 
 
-def _alpha_tag(alpha: float) -> str:
-    return f"a{alpha:g}"
+def _alpha_tag(wise_alpha: float) -> str:
+    return f"a{wise_alpha:g}"
 
 
 @dataclass
@@ -78,28 +78,28 @@ def _save_sweep(
     visual: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Save every α's model (for heads, on ``visual``); returns the JSON record of the sweep."""
-    chosen = choose_alpha(points)
+    chosen = choose_wise_alpha(points)
     for step, p in enumerate(points):
         clf = p.model if visual is None else ImageClassifier(visual, p.model, True)
         extra = {
             "variant": variant,
             "val_accuracy": p.val_accuracy,
-            "chosen": p.alpha == chosen,
+            "chosen": p.wise_alpha == chosen,
             "finetuned": source,
         }
         run.save(
-            f"{prefix}-{_alpha_tag(p.alpha)}",
+            f"{prefix}-{_alpha_tag(p.wise_alpha)}",
             clf,
-            {"kind": "wiseft", "alpha": p.alpha, "extra": extra},
+            {"kind": "wiseft", "wise_alpha": p.wise_alpha, "extra": extra},
             kind="wiseft",
-            alpha=p.alpha,
+            wise_alpha=p.wise_alpha,
             variant=variant,
         )
         run.tracker.log_metrics({f"{prefix}/val_accuracy": p.val_accuracy}, step=step)
-    run.tracker.log_metrics({f"{prefix}/chosen_alpha": chosen})
+    run.tracker.log_metrics({f"{prefix}/chosen_wise_alpha": chosen})
     return {
-        "val_accuracy": {f"{p.alpha:g}": p.val_accuracy for p in points},
-        "chosen_alpha": chosen,
+        "val_accuracy": {f"{p.wise_alpha:g}": p.val_accuracy for p in points},
+        "chosen_wise_alpha": chosen,
         "source": source,
     }
 

@@ -11,7 +11,7 @@ scratch with :func:`clipshift.stages.pretrain.run_pretrain`, then evaluated on t
 - ``linear_probe``: a logistic-regression head on frozen features, trained on ``train`` and
   tested on ``test`` (the finetune stage's linear-probe settings).
 
-Error = 1 − accuracy is fitted as E = A·x^alpha (+ E_inf) against training FLOPs, samples seen
+Error = 1 − accuracy is fitted as E = A·x^exponent (+ E_inf) against training FLOPs, samples seen
 and parameters (analytic counts from :mod:`clipshift.flops`), per pool and task, with
 :func:`clipshift.methods.scaling_laws.fit_scaling_table`.
 
@@ -385,14 +385,14 @@ def write_runs_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
 
 
 def _ci_text(fit: Mapping[str, Any]) -> str:
-    ci = (fit.get("ci95") or {}).get("alpha")
+    ci = (fit.get("ci95") or {}).get("exponent")
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a"
 
 
 def comparison_table(
     fits: Mapping[str, Any], pools: Sequence[str], x_key: str = "flops"
 ) -> list[dict[str, Any]]:
-    """Per task: each pool's exponent alpha with its 95 % CI, R² and hold-out error."""
+    """Per task: each pool's exponent with its 95 % CI, R² and hold-out error."""
     rows = []
     for task in TASKS:
         row: dict[str, Any] = {"task": task, "x": x_key}
@@ -401,18 +401,18 @@ def comparison_table(
             fit = fits.get(f"{task}/{pool}/vs_{x_key}")
             if fit is None:
                 continue
-            row[f"alpha_{pool}"] = round(fit["alpha"], 4)
-            row[f"alpha_ci95_{pool}"] = _ci_text(fit)
+            row[f"exponent_{pool}"] = round(fit["exponent"], 4)
+            row[f"exponent_ci95_{pool}"] = _ci_text(fit)
             row[f"r2_{pool}"] = round(fit["r2"], 3)
             hold = fit.get("holdout_rel_error")
             row[f"holdout_rel_error_{pool}"] = None if hold is None else round(hold, 4)
-            if (fit.get("ci95") or {}).get("alpha"):
-                intervals.append(fit["ci95"]["alpha"])
+            if (fit.get("ci95") or {}).get("exponent"):
+                intervals.append(fit["ci95"]["exponent"])
         if len(pools) == 2:  # do the two exponents differ? (None: a CI is unknown)
-            row["alpha_ci_overlap"] = None
+            row["exponent_ci_overlap"] = None
             if len(intervals) == 2:
                 (a_lo, a_hi), (b_lo, b_hi) = intervals
-                row["alpha_ci_overlap"] = bool(a_lo <= b_hi and b_lo <= a_hi)
+                row["exponent_ci_overlap"] = bool(a_lo <= b_hi and b_lo <= a_hi)
         rows.append(row)
     return rows
 
@@ -473,7 +473,7 @@ def plot_pool_comparison(
     markers = dict(zip(sizes, ["o", "s", "^", "D", "v", "P", "X"] * len(sizes), strict=False))
     for i, (pool, fit) in enumerate(sorted(fits.items())):
         colour = colours[i % len(colours)]
-        label = f"{pool}: α = {fit['alpha']:.3f} {_ci_text(fit)}, R² = {fit['r2']:.2f}"
+        label = f"{pool}: exponent {fit['exponent']:.3f} {_ci_text(fit)}, R² = {fit['r2']:.2f}"
         ax.plot(grid, predict(fit, grid), color=colour, lw=1.6, label=label)
         for r in runs:
             if r["pool"] == pool:

@@ -257,7 +257,7 @@ class IconifyReader:
     def __init__(self, folder: Path) -> None:
         self.icons = json.loads((folder / "icons.json").read_text())
         chars = json.loads((folder / "chars.json").read_text())
-        self.names = {}
+        self.names: dict[str, str] = {}
         for hexes, name in sorted(chars.items()):
             self.names.setdefault(key_from_hex(hexes), name)
 
@@ -409,12 +409,18 @@ class ArtLibrary:
         if style not in self._readers:
             src = SOURCES[style]
             if src.kind == "iconify":
-                self._readers[style] = IconifyReader(self.node_modules / src.location)
+                self._readers[style] = IconifyReader(self.npm_modules() / src.location)
             elif src.kind == "font":
                 self._readers[style] = FontReader(site_path(src.location))
             else:
                 self._readers[style] = SvgDirReader(site_path(src.location))
         return self._readers[style]
+
+    def npm_modules(self) -> Path:
+        """node_modules of the npm art packages (installed when a style needs them)."""
+        if self.node_modules is None:
+            raise DataError("no npm art packages were installed for the styles in use")
+        return self.node_modules
 
     def keys(self, style: str) -> frozenset[str]:
         return self.reader(style).keys()
@@ -429,10 +435,10 @@ class ArtLibrary:
         """The licence as the installed package declares it, where it declares the art's."""
         src = SOURCES[style]
         if src.registry == "npm":
-            meta = self.node_modules / src.package / "package.json"
-            return json.loads(meta.read_text()).get("license", src.license)
-        meta = importlib.metadata.metadata(src.package)
-        declared = meta.get("License-Expression") or meta.get("License")
+            package_json = self.npm_modules() / src.package / "package.json"
+            return json.loads(package_json.read_text()).get("license", src.license)
+        meta = importlib.metadata.metadata(src.package)  # an email.Message: .get exists
+        declared = meta.get("License-Expression") or meta.get("License")  # type: ignore[attr-defined]
         return declared if declared and src.metadata_license_is_art else src.license
 
     def info(self, style: str) -> dict[str, str]:
@@ -494,6 +500,6 @@ class ArtLibrary:
                 for k, v in sorted(cache.items())
             }
             tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
-            np.savez_compressed(tmp, **arrays)  # ~5x smaller; loads about as fast
+            np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]  # ~5x smaller; loads as fast
             os.replace(tmp, path)
             self._loaded_from_disk[style] = len(cache)
