@@ -8,43 +8,74 @@ fresh process; the timed span, on both, is everything after the imports: load th
 read and decode the images, build the prompt-ensemble classifier, classify every image.
 
     .venv/bin/python bench/bench_eval.py [--repeats 3] [--checkpoint PATH]
+    .venv/bin/python bench/bench_eval.py --smoke   # seconds: toy checkpoint, tiny world
+
+Both sides load the checkpoint into the architecture it records (ours: ``load_pretrained``;
+the peer: registered with open_clip under the recorded name, see ``arch.py``).
 
 Reports images/s of both and both top-1 accuracies, which must agree within 0.5 points.
-Internal: ``--side ours|peer`` runs one side and prints ``RESULT {json}``.
+Internal: ``--side ours|peer|standin`` runs one side and prints ``RESULT {json}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import io
+import itertools
 import json
 import shutil
 import sys
+import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import arch
 import common as C
+import smoke
 
 NAME = "eval"
-MODEL = "clipshift-vit-tiny"
 EVAL_SETS = ("test", "shift-")  # the reference test split, then every shift
+PIPELINE_CHECKPOINT = C.REPO / "models" / "pretrain" / "diverse" / "checkpoint.pt"
+SMOKE = dict(smoke.TOY_PRETRAIN)  # pretrain a toy checkpoint fast (--train-*)
+PEER_TOOLS = {  # by the side that plays the peer
+    "peer": "clip_benchmark eval 1.6.2 (wds dataset, --no_amp)",
+    "standin": "stock open_clip on the same wds files (smoke stand-in: no clip_benchmark)",
+}
 
 
-def parser() -> argparse.ArgumentParser:
-    p = C.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, help="open_clip checkpoint of clipshift-vit-tiny")
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """Which checkpoint is evaluated (``find_checkpoint``); bench_wiseft shares them."""
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="clipshift checkpoint (default: the pipeline's models/pretrain/diverse)",
+    )
+    p.add_argument(
+        "--model",
+        help="architecture pretrained when no checkpoint is found (default: the project's "
+        "default pretraining model)",
+    )
     p.add_argument(
         "--train-samples",
         type=int,
         default=15360,
         help="if no checkpoint is found, pretrain one on pool-diverse for this many samples",
     )
+    p.add_argument(
+        "--train-batch-size", type=int, default=128, help="its batch size (pretrain.batch_size)"
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = C.base_parser(__doc__.splitlines()[0], C.WORK_DIR / "eval")
+    add_checkpoint_args(p)
     p.add_argument("--batch-size", type=int, default=256, help="evaluate.batch_size")
     p.add_argument("--workers", type=int, default=1, help="evaluate.workers")
-    p.add_argument("--data-dir", type=Path, default=C.DEFAULT_DATA)
-    p.add_argument("--work-dir", type=Path, default=C.WORK_DIR / "eval")
     p.add_argument("--tolerance", type=float, default=0.5, help="accuracy points")
-    p.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["ours", "peer", "standin"], help=argparse.SUPPRESS)
     p.add_argument("--evalset", type=Path, help=argparse.SUPPRESS)
     return p
 
@@ -64,32 +95,39 @@ def default_templates() -> list[str]:
 
 
 def find_checkpoint(args, work_dir: Path) -> Path:
-    """--checkpoint; else the pipeline's diverse model; else one this script trained before;
-    else pretrain one now (same code path as the pretrain stage)."""
-    candidates = [args.checkpoint] if args.checkpoint else []
-    candidates += [
-        C.REPO / "models" / "pretrain" / "diverse" / "checkpoint.pt",
-        work_dir / "model" / "diverse" / "checkpoint.pt",
-    ]
-    for path in candidates:
-        if path and Path(path).exists():
-            return snapshot(Path(path), work_dir)
+    """--checkpoint; else the pipeline's diverse model (not in smoke mode: a toy stands in);
+    else one this script pretrained before for --model; else pretrain one now."""
     if args.checkpoint:
-        raise SystemExit(f"checkpoint {args.checkpoint} not found")
-    from clipshift.config import PretrainConfig
-    from clipshift.pretrain import run_pretrain
+        if not args.checkpoint.exists():
+            raise SystemExit(f"checkpoint {args.checkpoint} not found")
+        return snapshot(args.checkpoint, work_dir)
+    if PIPELINE_CHECKPOINT.exists() and not args.smoke:
+        return snapshot(PIPELINE_CHECKPOINT, work_dir)
+    # one folder per architecture: a checkpoint of an earlier default is never picked up
+    return pretrain_checkpoint(args, work_dir / "model" / Path(args.model).name)
 
-    C.say(f"no checkpoint found: pretraining one ({args.train_samples} samples)…")
+
+def pretrain_checkpoint(args, out_dir: Path) -> Path:
+    """``--model`` pretrained on pool-diverse (the pretrain stage's code path), or the one an
+    earlier run left in ``out_dir``."""
+    path = out_dir / "diverse" / "checkpoint.pt"
+    if path.exists():
+        return path
+    from clipshift.config import PretrainConfig
+    from clipshift.stages.pretrain import run_pretrain
+
+    C.say(f"no checkpoint found: pretraining {args.model} ({args.train_samples} samples)…")
     cfg = PretrainConfig(
         data_dir=str(args.data_dir),
-        out_dir=str(work_dir / "model"),
+        out_dir=str(out_dir),
         pools=["diverse"],
-        model=MODEL,
+        model=args.model,
         samples=args.train_samples,
+        batch_size=args.train_batch_size,
         checkpoint_every=10**9,
     )
     run_pretrain(cfg, "diverse", progress=False)
-    return work_dir / "model" / "diverse" / "checkpoint.pt"
+    return path
 
 
 def snapshot(path: Path, work_dir: Path) -> Path:
@@ -172,8 +210,9 @@ def run_ours(args) -> dict[str, Any]:
     import torch
 
     from clipshift.data.loaders import load_labelled
-    from clipshift.evaluate import accuracy
-    from clipshift.finetune import load_pretrained, zeroshot_classifier
+    from clipshift.methods.metrics import accuracy
+    from clipshift.methods.zeroshot import zeroshot_classifier
+    from clipshift.models import load_pretrained
 
     torch.set_num_threads(args.threads)
     templates = json.loads((args.evalset / "templates.json").read_text())
@@ -187,6 +226,7 @@ def run_ours(args) -> dict[str, Any]:
     acc = accuracy(clf, data, args.batch_size)
     t4 = time.perf_counter()
     return {
+        "model": bundle.name,
         "seconds": t4 - t0,
         "images": len(data),
         "accuracy": acc * 100,
@@ -196,12 +236,11 @@ def run_ours(args) -> dict[str, Any]:
 
 
 def run_peer(args) -> dict[str, Any]:
-    import open_clip
     import torch
-
-    open_clip.add_model_config(str(C.MODEL_CONFIGS))  # the peer learns our architecture
     from clip_benchmark import cli
 
+    # the peer learns the architecture the checkpoint records, under the recorded name
+    model = arch.peer_checkpoint_model(args.checkpoint, args.work_dir / "model_configs")
     torch.set_num_threads(args.threads)
     output = args.work_dir / "peer-result.json"
     output.unlink(missing_ok=True)
@@ -210,7 +249,7 @@ def run_peer(args) -> dict[str, Any]:
         "--dataset", "wds/clipshift_bench",
         "--dataset_root", str(args.evalset / "wds"),
         "--task", "zeroshot_classification",
-        "--model", MODEL,
+        "--model", model,
         "--pretrained", str(args.checkpoint),
         "--batch_size", str(args.batch_size),
         "--num_workers", str(args.workers),
@@ -226,6 +265,7 @@ def run_peer(args) -> dict[str, Any]:
     metrics = json.loads(output.read_text())["metrics"]
     images = json.loads((args.evalset / "clipshift" / "dataset.json").read_text())["num_samples"]
     return {
+        "model": model,
         "seconds": seconds,
         "images": images,
         "accuracy": metrics["acc1"] * 100,
@@ -234,23 +274,95 @@ def run_peer(args) -> dict[str, Any]:
     }
 
 
+def run_standin(args) -> dict[str, Any]:
+    """The peer's place in a smoke run without clip_benchmark: stock open_clip on the same
+    files, doing what clip_benchmark does — load the checkpoint with
+    ``open_clip.create_model_and_transforms`` under the recorded architecture (the call that
+    failed when the name was hard-coded), build open_clip's zero-shot classifier from the
+    layout's class names and templates, classify the tar shards with open_clip's transforms."""
+    import open_clip
+    import torch
+
+    model_name = arch.peer_checkpoint_model(args.checkpoint, args.work_dir / "model_configs")
+    torch.set_num_threads(args.threads)
+    wds = args.evalset / "wds"
+    t0 = time.perf_counter()
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=str(args.checkpoint)
+    )
+    model.eval()
+    classes = (wds / "classnames.txt").read_text().splitlines()
+    lines = (wds / "zeroshot_classification_templates.txt").read_text().splitlines()
+    templates = [t.replace("{c}", "{}") for t in lines]  # back to str.format's placeholder
+    correct = total = 0
+    with torch.no_grad():
+        tokenizer = open_clip.get_tokenizer(model_name)
+        head = open_clip.build_zero_shot_classifier(model, tokenizer, classes, templates)
+        for images, labels in wds_batches(wds / "test", preprocess, args.batch_size):
+            logits = model.encode_image(images, normalize=True) @ head
+            correct += int((logits.argmax(dim=1) == labels).sum())
+            total += len(labels)
+    return {
+        "model": model_name,
+        "seconds": time.perf_counter() - t0,
+        "images": total,
+        "accuracy": 100 * correct / total,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def wds_batches(shard_dir: Path, preprocess, batch_size: int) -> Iterator[tuple[Any, Any]]:
+    """(images, labels) batches of the clip_benchmark layout's shards ``0.tar``, ``1.tar``, …"""
+    import torch
+    from PIL import Image
+
+    images, labels = [], []
+    shards = sorted(shard_dir.glob("*.tar"), key=lambda path: int(path.stem))
+    for sample in itertools.chain.from_iterable(map(tar_samples, shards)):
+        image = next(v for k, v in sample.items() if k in ("png", "jpg", "jpeg", "webp"))
+        images.append(preprocess(Image.open(io.BytesIO(image)).convert("RGB")))
+        labels.append(int(sample["cls"]))
+        if len(images) == batch_size:
+            yield torch.stack(images), torch.tensor(labels)
+            images, labels = [], []
+    if images:
+        yield torch.stack(images), torch.tensor(labels)
+
+
+def tar_samples(shard: Path) -> Iterator[dict[str, bytes]]:
+    """A webdataset shard's samples: ``{extension: bytes}`` per key (a sample's files are
+    consecutive; the key is the name up to its first dot, as webdataset splits it)."""
+    with tarfile.open(shard) as tar:
+        files = [m for m in tar.getmembers() if m.isfile()]
+        for _, group in itertools.groupby(files, key=lambda m: m.name.split(".", 1)[0]):
+            yield {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in group}
+
+
 # --------------------------------------------------------------------------------------------
 # the comparison
 
 
 def side_cmd(args, side: str, checkpoint: Path) -> list[str]:
-    python = C.OURS_PYTHON if side == "ours" else C.PEER_PYTHON
+    python = C.OURS_PYTHON if side == "ours" else args.peer_python
+    role = side if side == "ours" else args.peer_side
     return [
-        str(python), str(Path(__file__).resolve()), "--side", side,
+        str(python), str(Path(__file__).resolve()), "--side", role,
         "--checkpoint", str(checkpoint), "--evalset", str(args.work_dir / "evalset"),
         "--work-dir", str(args.work_dir), "--batch-size", str(args.batch_size),
         "--workers", str(args.workers), "--threads", str(args.threads),
     ]  # fmt: skip
 
 
+def choose_peer(args) -> None:
+    """The peer's python, and what plays the peer: clip_benchmark where that python has it,
+    else (smoke runs only) ``run_standin``."""
+    args.peer_python = C.peer_python(args.smoke)
+    has_peer = args.peer_python == C.PEER_PYTHON or importlib.util.find_spec("clip_benchmark")
+    args.peer_side = "peer" if has_peer else "standin"
+
+
 def compare(args) -> dict[str, Any]:
-    if not C.PEER_PYTHON.exists():
-        raise SystemExit("no peer venv: run `bash bench/peer_env.sh` first")
+    choose_peer(args)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = find_checkpoint(args, args.work_dir)
     templates = default_templates()
@@ -280,8 +392,9 @@ def compare(args) -> dict[str, Any]:
         "images/s (incl. checkpoint load, decoding and the zero-shot head; ratio = ours/peer, "
         "higher is better)",
         target=1.0,
-        peer_tool="clip_benchmark eval 1.6.2 (wds dataset, --no_amp)",
-        model=MODEL,
+        peer_tool=PEER_TOOLS[args.peer_side],
+        model=runs["ours"][0]["model"],
+        peer_model=runs["peer"][0]["model"],
         checkpoint=str(checkpoint),
         images=n_images,
         datasets=[p.name for p in eval_sources(args.data_dir)],
@@ -301,17 +414,20 @@ def compare(args) -> dict[str, Any]:
         peer_seconds=[r["seconds"] for r in runs["peer"]],
         load_average_start=load_start,
         machine=C.machine_info(args.threads),
+        smoke=args.smoke,
     )
 
 
+SIDES = {"ours": run_ours, "peer": run_peer, "standin": run_standin}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.side == "ours":
-        C.emit(run_ours(args))
+    args = C.parse_args(parser(), argv, SMOKE)
+    if args.side:
+        C.emit(SIDES[args.side](args))
         return 0
-    if args.side == "peer":
-        C.emit(run_peer(args))
-        return 0
+    smoke.prepare(args)
+    args.model = args.model or arch.default_model()
     result = compare(args)
     path = C.write_result(NAME, result, args.results_dir)
     print(C.summary_line(NAME, result))

@@ -11,7 +11,11 @@ and its one-off decode of the pool.
 Both are measured in isolation, alternating; during training they share the CPU, so the
 ratio needed in practice is above 1 by the loader's share of the cores.
 
-    .venv/bin/python bench/bench_loader.py [--repeats 3]
+The model is ``--model``, by default the project's default pretraining model, with the
+stage's default batch size and worker count.
+
+    .venv/bin/python bench/bench_loader.py [--repeats 3] [--model NAME]
+    .venv/bin/python bench/bench_loader.py --smoke   # seconds: toy model, tiny world
 """
 
 from __future__ import annotations
@@ -19,18 +23,25 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+import arch
 import common as C
+import smoke
 
 NAME = "loader"
+# --smoke: a few batches of 16 (the tiny pool has 80 pairs), a few steps of the toy model
+SMOKE = {"batch_size": 16, "batches": 3, "warmup_batches": 1, "steps": 2, "warmup_steps": 1}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = C.base_parser(__doc__.splitlines()[0])
+    p = C.base_parser(__doc__.splitlines()[0], C.WORK_DIR / "loader")
     p.add_argument("--pool", default="diverse")
-    p.add_argument("--data-dir", type=Path, default=C.DEFAULT_DATA)
+    p.add_argument(
+        "--model",
+        help="architecture trained (default: the project's default pretraining model)",
+    )
+    p.add_argument("--batch-size", type=int, help="default: pretrain.batch_size")
     p.add_argument("--workers", type=int, help="loader workers (default: pretrain.workers)")
     p.add_argument("--batches", type=int, default=30, help="batches timed per repeat")
     p.add_argument("--warmup-batches", type=int, default=20, help="batches left out first")
@@ -45,8 +56,10 @@ def config(args):
     defaults = PretrainConfig()
     return PretrainConfig(
         data_dir=str(args.data_dir),
-        out_dir=str(C.WORK_DIR / "loader" / "unused"),
+        out_dir=str(args.work_dir / "unused"),
         pools=[args.pool],
+        model=args.model,
+        batch_size=args.batch_size or defaults.batch_size,
         workers=defaults.workers if args.workers is None else args.workers,
     )
 
@@ -97,7 +110,8 @@ def compare(args) -> dict[str, Any]:
     import torch
 
     from clipshift.data import loaders
-    from clipshift.pretrain import MemoryBatches, Pretrainer
+    from clipshift.data.batches import MemoryBatches
+    from clipshift.stages.pretrain import Pretrainer
     from clipshift.tracking_api import NullTracker
 
     torch.set_num_threads(args.threads)
@@ -133,7 +147,7 @@ def compare(args) -> dict[str, Any]:
         target=1.0,
         workers=cfg.workers,
         batch_size=cfg.batch_size,
-        model=cfg.model,
+        model=trainer.bundle.name,
         pool=args.pool,
         threads=args.threads,
         loader_default=trainer_loader_kind(cfg, args),
@@ -144,12 +158,13 @@ def compare(args) -> dict[str, Any]:
         memory_pool_samples=len(pool),
         load_average_start=load_start,
         machine=C.machine_info(args.threads),
+        smoke=args.smoke,
     )
 
 
 def trainer_loader_kind(cfg, args) -> str:
     from clipshift.models import resolve_model_config
-    from clipshift.pretrain import choose_loader
+    from clipshift.stages.pretrain import choose_loader
 
     _, model_cfg = resolve_model_config(cfg.model)
     size = model_cfg["vision_cfg"]["image_size"]
@@ -157,7 +172,9 @@ def trainer_loader_kind(cfg, args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = C.parse_args(parser(), argv, SMOKE)
+    smoke.prepare(args)
+    args.model = args.model or arch.default_model()
     result = compare(args)
     path = C.write_result(NAME, result, args.results_dir)
     print(C.summary_line(NAME, result))

@@ -3,10 +3,11 @@ vs the same library call in plain Python, on the default config.
 
 The stage is ``validate`` (Great Expectations suites, leakage and duplicate checks over every
 dataset): it runs standalone on the built-in data, needs no trained model, and does real work.
-Everything runs in a scratch copy of the project (``--workdir``; a DVC repo made with ``dvc
-init --no-scm``, its own ``mlflow.db`` and ``PREFECT_HOME``), so the real repository, its data
-and its tracking store are never touched. Each side is a fresh process, timed from launch to
-exit (interpreter start and imports included on both sides):
+Everything runs in a scratch copy of the project (under ``--work-dir``; a DVC repo made with
+``dvc init --no-scm``, ``--data-dir`` copied in as its data/fetch, its own ``mlflow.db`` and
+``PREFECT_HOME``), so the real repository, its data and its tracking store are never touched.
+Each side is a fresh process, timed from launch to exit (interpreter start and imports
+included on both sides):
 
 - ours: ``dvc repro --force --single-item validate`` (what a user runs; no
   ``PREFECT_API_URL`` is set, as on a laptop, so the stage starts Prefect's temporary server:
@@ -22,6 +23,13 @@ Each side's CPU seconds (user + sys of the process tree) are recorded too (``cpu
 shared machine they move far less with the load than wall time does.
 
     .venv/bin/python bench/bench_orchestration.py [--repeats 3] [--prefect-server]
+    .venv/bin/python bench/bench_orchestration.py --smoke   # seconds, see below
+
+``--smoke`` checks that every command still runs, in seconds: the plain call runs for real on
+a tiny world, while DVC and the CLI run dry (``dvc repro --dry``, ``clipshift validate
+--help``) after the stage's dependencies in dvc.yaml are checked to exist. A real stage run
+through Prefect and MLflow costs 30–45 CPU s on 2 cores (the temporary server, MLflow's SQLite
+schema), and the slow tests cover it (tests/test_dvc_repro.py).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -40,20 +49,23 @@ from pathlib import Path
 from typing import Any
 
 import common as C
+import smoke
 
 NAME = "orchestration"
 STAGE = "validate"
 PLAIN = (
-    "from clipshift.config import load_params; from clipshift.validate import run_validate; "
+    "from clipshift.config import load_params; "
+    "from clipshift.stages.validate import run_validate; "
     "run_validate(load_params('params.yaml').validate_)"
 )
-COPY = ["dvc.yaml", "dvc.lock", "params.yaml", "flows", "src", "data/fetch", "data/validate"]
-COPY_IF_PRESENT = ["metrics/fetch.json", "metrics/validate.json"]  # uncached outs of the two
+COPY = ["dvc.yaml", "dvc.lock", "params.yaml", "flows", "src"]
+# outputs of validate (the forced runs re-make them) and the uncached metrics of the two stages
+COPY_IF_PRESENT = ["data/validate", "metrics/fetch.json", "metrics/validate.json"]
 
 
 def parser() -> argparse.ArgumentParser:
-    p = C.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/clipshift-bench-orch"))
+    p = C.base_parser(__doc__.splitlines()[0], Path("/tmp/clipshift-bench-orch"))
+    p.add_argument("--workdir", dest="work_dir", type=Path, help=argparse.SUPPRESS)  # old name
     p.add_argument("--prefect-server", action="store_true", help="also time against a server")
     p.add_argument("--timeout", type=float, default=900, help="seconds per command")
     return p
@@ -63,28 +75,35 @@ def bin_dir() -> Path:
     return C.OURS_PYTHON.parent
 
 
-def make_copy(workdir: Path) -> Path:
-    """A scratch DVC project with the real dvc.yaml, code and data (fresh each run)."""
+def make_copy(workdir: Path, data_dir: Path) -> Path:
+    """A scratch DVC project with the real dvc.yaml and code, and ``data_dir`` as its
+    data/fetch (fresh each run)."""
     repo = workdir / "repo"
     shutil.rmtree(repo, ignore_errors=True)
     repo.mkdir(parents=True)
+    if not (data_dir / "manifest.json").exists():
+        raise SystemExit(f"no fetched data in {data_dir}: run `dvc repro fetch validate` first")
+    copy_tree_or_file(data_dir, repo / "data" / "fetch")
     for rel in COPY + COPY_IF_PRESENT:
-        src, dst = C.REPO / rel, repo / rel
-        if rel in COPY_IF_PRESENT and not src.exists():
-            continue
-        if not src.exists():
-            raise SystemExit(f"{src} is missing: run `dvc repro fetch validate` in the repo first")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    dvc = str(bin_dir() / "dvc")
-    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=repo, check=True)
-    subprocess.run([dvc, "config", "core.analytics", "false"], cwd=repo, check=True)
+        src = C.REPO / rel
+        if src.exists():
+            copy_tree_or_file(src, repo / rel)
+        elif rel in COPY:
+            raise SystemExit(f"{src} is missing from the repository")
+    dvc, env = str(bin_dir() / "dvc"), {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    C.timed_cmd([dvc, "init", "--no-scm", "-q"], env=env, cwd=repo)
+    C.timed_cmd([dvc, "config", "core.analytics", "false"], env=env, cwd=repo)
     # fetch's outputs must be in this copy's cache, or DVC sees the stage as changed
-    subprocess.run([dvc, "commit", "--force", "-q", "fetch"], cwd=repo, check=True)
+    C.timed_cmd([dvc, "commit", "--force", "fetch"], env=env, cwd=repo)
     return repo
+
+
+def copy_tree_or_file(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        shutil.copy2(src, dst)
 
 
 def stage_env(repo: Path, threads: int, api_url: str | None = None) -> dict[str, str]:
@@ -175,33 +194,59 @@ def cpu_summary(cpu: dict[str, list[float]], ours: str, peer: str = "plain") -> 
     }
 
 
+def check_stage_deps(repo: Path, stage: str) -> None:
+    """Fail now, naming them, if files the stage depends on are gone (a module moved without
+    dvc.yaml following): DVC would fail only in the first timed run, and a dry run not at all."""
+    import yaml
+
+    deps = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage].get("deps", [])
+    missing = [dep for dep in deps if not (repo / dep).exists()]
+    if missing:
+        raise SystemExit(f"dvc.yaml: stage '{stage}' depends on missing {missing}")
+
+
+def commands(args) -> dict[str, list[str]]:
+    """The timed commands; dry in a smoke run (see the module doc)."""
+    dvc, dry = str(bin_dir() / "dvc"), ["--dry"] if args.smoke else []
+    return {
+        "forced": [dvc, "repro", *dry, "--force", "--single-item", STAGE],
+        "noop": [dvc, "repro", *dry, STAGE],
+        "cli": [str(bin_dir() / "clipshift"), STAGE, *(["--help"] if args.smoke else [])],
+        "plain": [str(C.OURS_PYTHON), "-c", PLAIN],
+    }
+
+
 def compare(args) -> dict[str, Any]:
-    repo = make_copy(args.workdir)
+    repo = make_copy(args.work_dir, args.data_dir)
+    check_stage_deps(repo, STAGE)
     env = stage_env(repo, args.threads)
-    log = args.workdir / "commands.log"
+    log = args.work_dir / "commands.log"
     log.unlink(missing_ok=True)
-    dvc = str(bin_dir() / "dvc")
+    cmd = commands(args)
 
-    def timed(cmd: list[str], run_env: dict[str, str] | None = None) -> float:
-        return C.timed_cmd(cmd, env=run_env or env, cwd=repo, timeout=args.timeout, log_file=log)
+    def timed(command: list[str], run_env: dict[str, str] | None = None) -> float:
+        return C.timed_cmd(
+            command, env=run_env or env, cwd=repo, timeout=args.timeout, log_file=log
+        )
 
-    forced = [dvc, "repro", "--force", "--single-item", STAGE]
-    # warm-up: first import of everything, DVC's hash cache of data/fetch, MLflow's schema
-    timed(forced)
+    if not args.smoke:
+        # warm-up: first import of everything, DVC's hash cache of data/fetch, MLflow's schema
+        timed(cmd["forced"])
     cpu: dict[str, list[float]] = {}
     with_cpu = cpu_recorder(cpu)
     sides = {
-        "dvc_repro": with_cpu("dvc_repro", lambda i: timed(forced)),
-        "plain": with_cpu("plain", lambda i: timed([str(C.OURS_PYTHON), "-c", PLAIN])),
-        "cli": with_cpu("cli", lambda i: timed([str(bin_dir() / "clipshift"), STAGE])),
+        "dvc_repro": with_cpu("dvc_repro", lambda i: timed(cmd["forced"])),
+        "plain": with_cpu("plain", lambda i: timed(cmd["plain"])),
+        "cli": with_cpu("cli", lambda i: timed(cmd["cli"])),
     }
     load_start = C.machine_info()["load_average"]
     values = C.alternate(sides, args.repeats, C.say)
-    timed(forced)  # dvc.lock now matches the workspace: the next repro has nothing to do
-    noop = [timed([dvc, "repro", STAGE]) for _ in range(args.repeats)]
+    if not args.smoke:  # (a dry run changes nothing)
+        timed(cmd["forced"])  # dvc.lock now matches the workspace: the next repro has no work
+    noop = [timed(cmd["noop"]) for _ in range(args.repeats)]
     extra: dict[str, Any] = {}
     if args.prefect_server:
-        extra = server_variant(args, repo, values, timed, forced)
+        extra = server_variant(args, repo, timed, cmd["forced"])
     plain = C.median(values["plain"])
     orchestrated = C.median(values["dvc_repro"])
     return C.build_result(
@@ -220,6 +265,7 @@ def compare(args) -> dict[str, Any]:
         cli_overhead_s=C.median(values["cli"]) - plain,
         dvc_share_s=orchestrated - C.median(values["cli"]),
         prefect_mode="temporary server per process (no PREFECT_API_URL), started at launch",
+        commands={name: shlex.join(command) for name, command in cmd.items()},
         **cpu_summary(cpu, "dvc_repro"),
         noop_dvc_repro_s=C.median(noop),
         noop_dvc_repro_runs=noop,
@@ -230,11 +276,12 @@ def compare(args) -> dict[str, Any]:
         workdir=str(repo),
         load_average_start=load_start,
         machine=C.machine_info(args.threads),
+        smoke=args.smoke,
         **extra,
     )
 
 
-def server_variant(args, repo: Path, values, timed, forced) -> dict[str, Any]:
+def server_variant(args, repo: Path, timed, forced: list[str]) -> dict[str, Any]:
     """dvc repro against a running Prefect server, alternated with the plain call again."""
     base = stage_env(repo, args.threads)
     server, url = start_prefect_server(repo, base)
@@ -267,7 +314,8 @@ def server_variant(args, repo: Path, values, timed, forced) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = C.parse_args(parser(), argv)
+    smoke.prepare(args)
     result = compare(args)
     path = C.write_result(NAME, result, args.results_dir)
     print(C.summary_line(NAME, result))

@@ -1,14 +1,16 @@
 """Training throughput: clipshift ``pretrain`` vs ``open_clip_train.main``, same run.
 
-Both sides train the same architecture (``clipshift-vit-tiny``, registered with the peer via
-``open_clip.add_model_config``) from scratch on the same webdataset shards (``pool-<pool>``)
-with the same batch size, precision, optimizer settings, data workers and intra-op thread
-count, each in a fresh process, alternating A/B. Throughput is steady state: samples/s over
-the logged windows after the first ``--skip-steps`` steps, read from each side's own log
-(ours: ``history.json``; the peer: its ``out.log`` "Batch (t)" lines). Process start-up, pool
-decoding and checkpoint writes are outside the windows; their cost is reported as wall time.
+Both sides train the same architecture (``--model``, by default the project's default
+pretraining model; the peer learns it through ``open_clip.add_model_config``) from scratch on
+the same webdataset shards (``pool-<pool>``) with the same batch size, precision, optimizer
+settings, data workers and intra-op thread count, each in a fresh process, alternating A/B.
+Throughput is steady state: samples/s over the logged windows after the first
+``--skip-steps`` steps, read from each side's own log (ours: ``history.json``; the peer: its
+``out.log`` "Batch (t)" lines). Process start-up, pool decoding and checkpoint writes are
+outside the windows; their cost is reported as wall time.
 
-    .venv/bin/python bench/bench_train.py [--repeats 3] [--samples 7680]
+    .venv/bin/python bench/bench_train.py [--repeats 3] [--samples 7680] [--model NAME]
+    .venv/bin/python bench/bench_train.py --smoke   # seconds: toy model, tiny world
 
 Internal: ``--side ours|peer`` runs one side (the peer side under bench/.peer-venv/bin/python)
 and prints ``RESULT {json}``.
@@ -16,6 +18,7 @@ and prints ``RESULT {json}``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -24,18 +27,30 @@ import time
 from pathlib import Path
 from typing import Any
 
+import arch
 import common as C
+import smoke
 
 NAME = "train"
-MODEL = "clipshift-vit-tiny"
+# --smoke: 4 steps of 16 on the tiny pool, rates from step 1 on, no worker process to start
+SMOKE = {"samples": 64, "batch_size": 16, "log_every": 1, "skip_steps": 1, "workers": 0}
+PEER_TOOLS = {  # by the peer's data (--peer-data)
+    "webdataset": "open_clip_train.main (open_clip_torch 3.3.0, webdataset 0.2.86)",
+    "synthetic": "open_clip_train.main in the project venv on synthetic data (smoke stand-in)",
+}
 # open_clip_train logs "... [ 1280/7680 (17%)] Data (t): 0.012 Batch (t): 0.553, 231.4/s ..."
 PEER_LOG = re.compile(
     r"Train Epoch: \d+ \[\s*(\d+)/\d+ .*?Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+)"
 )
 
 
-def parser():
-    p = C.base_parser(__doc__.splitlines()[0])
+def parser() -> argparse.ArgumentParser:
+    p = C.base_parser(__doc__.splitlines()[0], C.WORK_DIR / "train")
+    p.add_argument(
+        "--model",
+        help="architecture both sides train: open_clip name or config JSON path (default: the "
+        "project's default pretraining model)",
+    )
     p.add_argument("--samples", type=int, default=3840, help="samples per run (30 steps)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -43,17 +58,15 @@ def parser():
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--skip-steps", type=int, default=10, help="warm-up steps left out")
     p.add_argument("--pool", default="diverse")
-    p.add_argument("--data-dir", type=Path, default=C.DEFAULT_DATA)
-    p.add_argument("--work-dir", type=Path, default=C.WORK_DIR / "train")
-    p.add_argument("--side", choices=["ours", "peer"], help=argparse_hidden())
-    p.add_argument("--run-dir", type=Path, help=argparse_hidden())
+    p.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--peer-data",
+        choices=["webdataset", "synthetic"],
+        default="webdataset",
+        help=argparse.SUPPRESS,
+    )
     return p
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,14 +88,15 @@ def run_ours(args) -> dict[str, Any]:
     import torch
 
     from clipshift.config import PretrainConfig
-    from clipshift.pretrain import run_pretrain
+    from clipshift.models import resolve_model_config
+    from clipshift.stages.pretrain import run_pretrain
 
     torch.set_num_threads(args.threads)
     cfg = PretrainConfig(
         data_dir=str(args.data_dir),
         out_dir=str(args.run_dir),
         pools=[args.pool],
-        model=MODEL,
+        model=args.model,
         samples=args.samples,
         batch_size=args.batch_size,
         precision=args.precision,
@@ -96,7 +110,10 @@ def run_ours(args) -> dict[str, Any]:
     wall = time.perf_counter() - start
     history = json.loads((args.run_dir / args.pool / "history.json").read_text())
     windows = history_windows(history, args.batch_size)
+    name, config = resolve_model_config(args.model)
     return {
+        "model": name,
+        "model_config": config,
         "samples_per_s": C.steady_rate(windows, args.batch_size, args.skip_steps),
         "best_window": max(C.window_rates(windows, args.batch_size, args.skip_steps)),
         "wall_s": wall,
@@ -124,12 +141,21 @@ def brace_pattern(pool_dir: Path) -> str:
     return str(pool_dir / f"shard-{{000000..{len(files) - 1:06d}}}.tar")
 
 
-def peer_argv(args, logs: Path) -> list[str]:
+def peer_data_argv(args) -> list[str]:
+    if args.peer_data == "synthetic":
+        # smoke run without the peer venv: the project venv's webdataset 1.x cannot feed
+        # open_clip_train (KeyError: 'fname'), so the peer trains on its own random images;
+        # its model set-up, training loop and log (what the parsing reads) are still the same
+        return ["--dataset-type", "synthetic"]
+    pattern = brace_pattern(args.data_dir / f"pool-{args.pool}")
+    return ["--train-data", pattern, "--dataset-type", "webdataset"]
+
+
+def peer_argv(args, model: str, logs: Path) -> list[str]:
     return [
-        "--train-data", brace_pattern(args.data_dir / f"pool-{args.pool}"),
-        "--dataset-type", "webdataset",
+        *peer_data_argv(args),
         "--train-num-samples", str(args.samples),
-        "--model", MODEL,
+        "--model", model,
         "--batch-size", str(args.batch_size),
         "--epochs", "1",
         "--workers", str(args.workers),
@@ -165,16 +191,15 @@ def peer_windows(log_text: str, batch_size: int) -> list[tuple[int, int, float]]
 
 
 def run_peer(args) -> dict[str, Any]:
-    import open_clip
     import torch
 
-    open_clip.add_model_config(str(C.MODEL_CONFIGS))  # the peer learns our architecture
+    model = arch.peer_model(args.model)  # the peer learns the architecture
     from open_clip_train import main as peer_main
 
     torch.set_num_threads(args.threads)
     logs = args.run_dir / "logs"
     start = time.perf_counter()
-    peer_main.main(peer_argv(args, logs))
+    peer_main.main(peer_argv(args, model, logs))
     wall = time.perf_counter() - start
     text = (logs / "run" / "out.log").read_text()
     windows = peer_windows(text, args.batch_size)
@@ -193,19 +218,21 @@ def run_peer(args) -> dict[str, Any]:
 
 
 def side_cmd(args, side: str, run_dir: Path) -> list[str]:
-    python = C.OURS_PYTHON if side == "ours" else C.PEER_PYTHON
+    python = C.OURS_PYTHON if side == "ours" else args.peer_python
     return [
         str(python), str(Path(__file__).resolve()), "--side", side, "--run-dir", str(run_dir),
-        "--samples", str(args.samples), "--batch-size", str(args.batch_size),
-        "--precision", args.precision, "--workers", str(args.workers),
-        "--log-every", str(args.log_every), "--skip-steps", str(args.skip_steps),
-        "--pool", args.pool, "--data-dir", str(args.data_dir), "--threads", str(args.threads),
+        "--model", args.model, "--samples", str(args.samples),
+        "--batch-size", str(args.batch_size), "--precision", args.precision,
+        "--workers", str(args.workers), "--log-every", str(args.log_every),
+        "--skip-steps", str(args.skip_steps), "--pool", args.pool,
+        "--data-dir", str(args.data_dir), "--threads", str(args.threads),
+        "--peer-data", args.peer_data,
     ]  # fmt: skip
 
 
 def compare(args) -> dict[str, Any]:
-    if not C.PEER_PYTHON.exists():
-        raise SystemExit("no peer venv: run `bash bench/peer_env.sh` first")
+    args.peer_python = C.peer_python(args.smoke)
+    args.peer_data = "webdataset" if args.peer_python == C.PEER_PYTHON else "synthetic"
     env = C.thread_env(args.threads)
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": []}
 
@@ -231,8 +258,9 @@ def compare(args) -> dict[str, Any]:
         values["peer"],
         "samples/s (steady state; ratio = ours/peer, higher is better)",
         target=1.0,
-        peer_tool="open_clip_train.main (open_clip_torch 3.3.0, webdataset 0.2.86)",
-        model=MODEL,
+        peer_tool=PEER_TOOLS[args.peer_data],
+        model=runs["ours"][0]["model"],
+        model_config=runs["ours"][0]["model_config"],
         pool=args.pool,
         samples_per_run=args.samples,
         batch_size=args.batch_size,
@@ -253,17 +281,20 @@ def compare(args) -> dict[str, Any]:
         checkpoint=runs["ours"][-1].get("checkpoint"),
         load_average_start=load_start,
         machine=C.machine_info(args.threads),
+        smoke=args.smoke,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = C.parse_args(parser(), argv, SMOKE)
     if args.side == "ours":
         C.emit(run_ours(args))
         return 0
     if args.side == "peer":
         C.emit(run_peer(args))
         return 0
+    smoke.prepare(args)
+    args.model = args.model or arch.default_model()
     result = compare(args)
     path = C.write_result(NAME, result, args.results_dir)
     print(C.summary_line(NAME, result))

@@ -13,7 +13,10 @@ and, for the end-to-end sweep, a stand-in "fine-tuned" classifier (the zero-shot
 tower weights perturbed and the probe's head): the sweep's cost depends on the architecture
 and the data, not on how well the fine-tune went.
 
+The checkpoint is found as bench_eval finds it, and loaded into the architecture it records.
+
     .venv/bin/python bench/bench_wiseft.py [--repeats 9] [--dataset val]
+    .venv/bin/python bench/bench_wiseft.py --smoke   # seconds: toy checkpoint, tiny world
 """
 
 from __future__ import annotations
@@ -22,34 +25,36 @@ import argparse
 import copy
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+import arch
+import bench_eval
 import common as C
+import smoke
 
 NAME = "wiseft"
 ALPHAS = [round(0.1 * i, 1) for i in range(11)]
+SMOKE = {**smoke.TOY_PRETRAIN, "e2e_repeats": 1}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = C.base_parser(__doc__.splitlines()[0], repeats=9)
-    p.add_argument("--checkpoint", type=Path, help="open_clip checkpoint (default: as bench_eval)")
-    p.add_argument("--train-samples", type=int, default=15360, help="see bench_eval.py")
+    # the work dir is bench_eval's: the same checkpoint snapshot serves both
+    p = C.base_parser(__doc__.splitlines()[0], C.WORK_DIR / "eval", repeats=9)
+    bench_eval.add_checkpoint_args(p)
     p.add_argument("--e2e-repeats", type=int, default=3, help="end-to-end sweep repeats")
     p.add_argument("--dataset", default="val", help="labelled set swept on (the stage uses val)")
     p.add_argument("--batch-size", type=int, default=256, help="interpolate.batch_size")
-    p.add_argument("--data-dir", type=Path, default=C.DEFAULT_DATA)
-    p.add_argument("--work-dir", type=Path, default=C.WORK_DIR / "eval")
     return p
 
 
 def build_models(args) -> dict[str, Any]:
-    import bench_eval
     import torch
 
     from clipshift.classifier import ImageClassifier, extract_features
     from clipshift.data.loaders import load_labelled
-    from clipshift.finetune import load_pretrained, train_linear_probe, zeroshot_classifier
+    from clipshift.methods.linear_probe import train_linear_probe
+    from clipshift.methods.zeroshot import zeroshot_classifier
+    from clipshift.models import load_pretrained
 
     args.checkpoint = bench_eval.find_checkpoint(args, args.work_dir)
     bundle = load_pretrained(args.checkpoint)
@@ -64,11 +69,11 @@ def build_models(args) -> dict[str, Any]:
     with torch.no_grad():
         for p in ft.visual.parameters():
             p.add_(0.01 * p.std().nan_to_num() * torch.randn(p.shape, generator=gen))
-    return {"zs": zs.eval(), "probe": probe, "ft": ft.eval(), "data": data}
+    return {"zs": zs.eval(), "probe": probe, "ft": ft.eval(), "data": data, "model": bundle.name}
 
 
 def time_eval_pass(m: dict[str, Any], batch_size: int) -> tuple[float, float]:
-    from clipshift.evaluate import accuracy
+    from clipshift.methods.metrics import accuracy
 
     start = time.perf_counter()
     acc = accuracy(m["zs"], m["data"], batch_size)
@@ -79,7 +84,7 @@ def time_linear_sweep(m: dict[str, Any], batch_size: int) -> tuple[float, float,
     """What run_interpolate does for the linear variant: features once, then heads.
     Returns (total seconds, seconds of the 11 head mixtures alone, points)."""
     from clipshift.classifier import extract_features
-    from clipshift.interpolate import linear_wiseft_sweep
+    from clipshift.methods.wiseft import linear_wiseft_sweep
 
     start = time.perf_counter()
     feats = extract_features(m["zs"].visual, m["data"].images, batch_size)
@@ -92,7 +97,7 @@ def time_linear_sweep(m: dict[str, Any], batch_size: int) -> tuple[float, float,
 
 
 def time_end_to_end_sweep(m: dict[str, Any], batch_size: int) -> tuple[float, list]:
-    from clipshift.interpolate import wiseft_sweep
+    from clipshift.methods.wiseft import wiseft_sweep
 
     start = time.perf_counter()
     points = wiseft_sweep(m["zs"], m["ft"], ALPHAS, m["data"], batch_size)
@@ -145,24 +150,28 @@ def compare(args) -> dict[str, Any]:
         images=len(models["data"]),
         batch_size=args.batch_size,
         threads=args.threads,
+        model=models["model"],
         checkpoint=str(args.checkpoint),
         end_to_end_sweep_s=C.median(e2e["end_to_end_sweep"]),
         end_to_end_ratio=C.median(e2e["end_to_end_sweep"]) / C.median(e2e["eval_pass"]),
         end_to_end_spread=C.spread(e2e_ratios),
         end_to_end_runs=e2e["end_to_end_sweep"],
         end_to_end_eval_pass_runs=e2e["eval_pass"],
-        linear_val_accuracy={f"{p.alpha:g}": p.val_accuracy for p in seen["linear_points"]},
-        end_to_end_val_accuracy={f"{p.alpha:g}": p.val_accuracy for p in seen["e2e_points"]},
+        linear_val_accuracy={f"{p.wise_alpha:g}": p.val_accuracy for p in seen["linear_points"]},
+        end_to_end_val_accuracy={f"{p.wise_alpha:g}": p.val_accuracy for p in seen["e2e_points"]},
         # α = 0 of the linear sweep is the zero-shot head on the same features: it must equal
         # the evaluation pass's accuracy, or the sweep is not measuring the same thing
         alpha0_matches_eval=abs(alpha0 - seen["eval_accuracy"]) < 1e-9,
         load_average_start=load_start,
         machine=C.machine_info(args.threads),
+        smoke=args.smoke,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = C.parse_args(parser(), argv, SMOKE)
+    smoke.prepare(args)
+    args.model = args.model or arch.default_model()
     result = compare(args)
     path = C.write_result(NAME, result, args.results_dir)
     print(C.summary_line(NAME, result))

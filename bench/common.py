@@ -21,6 +21,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -295,7 +296,8 @@ def timed_cmd(
     return seconds
 
 
-def base_parser(description: str, repeats: int = 3) -> argparse.ArgumentParser:
+def base_parser(description: str, work_dir: Path, repeats: int = 3) -> argparse.ArgumentParser:
+    """The options every benchmark has; parse with :func:`parse_args` (``--smoke``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--repeats", type=int, default=repeats, help="A/B repeats (default: %(default)s)"
@@ -307,9 +309,67 @@ def base_parser(description: str, repeats: int = 3) -> argparse.ArgumentParser:
         help="intra-op threads on both sides (default: the CPUs available, %(default)s)",
     )
     parser.add_argument(
-        "--results-dir", type=Path, default=RESULTS_DIR, help="where <name>.json goes"
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="fetch's output (default: data/fetch; with --smoke: <work dir>/data, where a tiny "
+        "world is built unless it holds one)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=work_dir,
+        help="working files (default: %(default)s; with --smoke: a new temporary directory)",
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        help="where <name>.json goes (default: bench/results; with --smoke: <work dir>/results)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check that the script still runs, in seconds: one repeat, a toy model, a tiny "
+        "world; nothing is downloaded and bench/results/ is never written",
     )
     return parser
+
+
+def parse_args(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    smoke: Mapping[str, Any] | None = None,
+) -> argparse.Namespace:
+    """Parse the command line; with ``--smoke``, the script's ``smoke`` values replace its
+    defaults (an option given on the command line still wins) and the repeats drop to one.
+
+    A smoke run's numbers mean nothing (toy model, tiny data, one repeat): its directories
+    default to a fresh temporary one, and it refuses to write into bench/results/, where it
+    would overwrite a real measurement.
+    """
+    args = parser.parse_args(argv)
+    if not args.smoke:
+        args.results_dir = args.results_dir or RESULTS_DIR
+        return args
+    parser.set_defaults(repeats=1, work_dir=None, data_dir=None, **(smoke or {}))
+    args = parser.parse_args(argv)
+    args.work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="clipshift-bench-smoke-"))
+    args.data_dir = args.data_dir or args.work_dir / "data"
+    args.results_dir = args.results_dir or args.work_dir / "results"
+    if args.results_dir.resolve() == RESULTS_DIR.resolve():
+        parser.error("--smoke never writes into bench/results/: give another --results-dir")
+    return args
+
+
+def peer_python(smoke: bool) -> Path:
+    """The python the peer side runs under: the peer venv's; in a smoke run without one, the
+    project venv's (each script then runs what of its peer that venv has, or a stand-in, and
+    records which in ``peer_tool``)."""
+    if PEER_PYTHON.exists():
+        return PEER_PYTHON
+    if smoke:
+        return OURS_PYTHON
+    raise SystemExit("no peer venv: run `bash bench/peer_env.sh` first")
 
 
 def say(message: str) -> None:

@@ -14,16 +14,19 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _load(name: str):
-    """Import bench/<name>.py (bench/ is scripts, not a package: they import `common`)."""
+    """Import bench/<name>.py (bench/ is scripts, not a package: they import `common` and
+    their sibling helpers such as `arch`, found with bench/ first on sys.path meanwhile)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     saved = sys.modules.get("common")
     if name != "common":
         sys.modules["common"] = sys.modules["bench_common"]
+    sys.path.insert(0, str(BENCH))
     try:
         spec.loader.exec_module(module)
     finally:
+        sys.path.remove(str(BENCH))
         if saved is None:
             sys.modules.pop("common", None)
         else:
