@@ -13,6 +13,7 @@ from pathlib import Path
 from prefect import flow
 
 from clipshift import distributed as D
+from clipshift.checkpoints import config_path
 from clipshift.config import PretrainConfig
 from clipshift.stages.pretrain import run_path, run_pretrain
 from flows._common import report_table, tracked_stage
@@ -53,7 +54,7 @@ def pretrain_flow(config: PretrainConfig = PretrainConfig(), pool: str = "divers
         checkpoint = Path(result.get("checkpoint", run_path(config, pool) / "checkpoint.pt"))
         if checkpoint.exists():
             tracker.log_artifact(checkpoint, "checkpoint")
-            tracker.log_artifact(f"{checkpoint}.config.json", "checkpoint")
+            tracker.log_artifact(config_path(checkpoint, result["model"]), "checkpoint")
         report_table(
             f"pretrain-{pool}",
             [{k: v for k, v in result.items() if isinstance(v, int | float | str)}],

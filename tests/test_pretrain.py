@@ -96,7 +96,7 @@ def test_learns_and_writes_outputs(world, reference):
         MODEL, pretrained=str(out / "toy" / "checkpoint.pt")
     )
     assert_bitwise_equal(model.state_dict(), final_state(out))
-    assert json.loads((out / "toy" / "checkpoint.pt.config.json").read_text())["embed_dim"] == 32
+    assert json.loads((out / "toy" / f"{MODEL}.json").read_text())["embed_dim"] == 32
     # only the final resume state is kept
     assert [p.name for p in (out / "toy" / "resume").glob("*.pt")] == ["step-000008.pt"]
 

@@ -9,8 +9,9 @@ Outputs, in ``<out_dir>/<pool>/``:
   resumes, or reuses a finished run, only when its spec is identical; otherwise the folder's
   contents move to ``superseded/<time>-<fingerprint>/`` and training starts from step 0
   (:mod:`clipshift.training_spec`).
-* ``checkpoint.pt`` (+ ``.sha256``, ``.config.json``) — loadable by stock
-  ``open_clip.create_model_and_transforms(name, pretrained=...)``.
+* ``checkpoint.pt`` (+ ``.sha256``) and ``<architecture name>.json`` — loadable by stock
+  open_clip: ``open_clip.add_model_config(<folder>)``, then
+  ``open_clip.create_model_and_transforms(name, pretrained=<folder>/checkpoint.pt)``.
 * ``metrics.json`` (DVC metrics) and ``history.json`` (per-log-step records, DVC plots).
 
 Reproducibility: the data order is a pure function of (seed, step) — each epoch is a seeded
