@@ -5,7 +5,8 @@ Both sides train the same architecture (``clipshift-vit-tiny``, registered with 
 with the same batch size, precision, optimizer settings, data workers and intra-op thread
 count, each in a fresh process, alternating A/B. Throughput is steady state: samples/s over
 the logged windows after the first ``--skip-steps`` steps, read from each side's own log
-(ours: ``history.json``; the peer: its ``out.log`` "Batch (t)" lines). Process start-up, pool
+(ours: the per-log-step ``throughput`` run_pretrain returns; the peer: its ``out.log``
+"Batch (t)" lines). Process start-up, pool
 decoding and checkpoint writes are outside the windows; their cost is reported as wall time.
 
     .venv/bin/python bench/bench_train.py [--repeats 3] [--samples 7680]
@@ -61,7 +62,8 @@ def argparse_hidden() -> str:
 
 
 def history_windows(history: list[dict[str, Any]], batch_size: int) -> list[tuple[int, int, float]]:
-    """(start_step, steps, seconds) per logged record of clipshift's history.json."""
+    """(start_step, steps, seconds) per logged record ({step, samples_per_s}) of clipshift's
+    per-step throughput (run_pretrain's ``throughput``; history.json holds no timings)."""
     windows, prev = [], 0
     for rec in history:
         steps = int(rec["step"]) - prev
@@ -94,8 +96,7 @@ def run_ours(args) -> dict[str, Any]:
     start = time.perf_counter()
     metrics = run_pretrain(cfg, args.pool, progress=False)
     wall = time.perf_counter() - start
-    history = json.loads((args.run_dir / args.pool / "history.json").read_text())
-    windows = history_windows(history, args.batch_size)
+    windows = history_windows(metrics["throughput"], args.batch_size)
     return {
         "samples_per_s": C.steady_rate(windows, args.batch_size, args.skip_steps),
         "best_window": max(C.window_rates(windows, args.batch_size, args.skip_steps)),
