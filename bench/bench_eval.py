@@ -137,7 +137,7 @@ def snapshot(path: Path, work_dir: Path) -> Path:
         return path
     dst = work_dir / "checkpoint" / path.name
     dst.parent.mkdir(parents=True, exist_ok=True)
-    for src in path.parent.glob(path.name + "*"):  # checkpoint.pt, .sha256, .config.json
+    for src in path.parent.glob(path.name + "*"):  # checkpoint.pt, .sha256
         shutil.copy2(src, dst.parent / src.name)
     return dst
 

@@ -5,9 +5,9 @@ pretraining model; the peer learns it through ``open_clip.add_model_config``) fr
 the same webdataset shards (``pool-<pool>``) with the same batch size, precision, optimizer
 settings, data workers and intra-op thread count, each in a fresh process, alternating A/B.
 Throughput is steady state: samples/s over the logged windows after the first
-``--skip-steps`` steps, read from each side's own log (ours: ``history.json``; the peer: its
-``out.log`` "Batch (t)" lines). Process start-up, pool decoding and checkpoint writes are
-outside the windows; their cost is reported as wall time.
+``--skip-steps`` steps, read from each side's own log (ours: the per-log-step ``throughput``
+run_pretrain returns; the peer: its ``out.log`` "Batch (t)" lines). Process start-up, pool
+decoding and checkpoint writes are outside the windows; their cost is reported as wall time.
 
     .venv/bin/python bench/bench_train.py [--repeats 3] [--samples 7680] [--model NAME]
     .venv/bin/python bench/bench_train.py --smoke   # seconds: toy model, tiny world
@@ -74,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def history_windows(history: list[dict[str, Any]], batch_size: int) -> list[tuple[int, int, float]]:
-    """(start_step, steps, seconds) per logged record of clipshift's history.json."""
+    """(start_step, steps, seconds) per logged record ({step, samples_per_s}) of clipshift's
+    per-step throughput (run_pretrain's ``throughput``; history.json holds no timings)."""
     windows, prev = [], 0
     for rec in history:
         steps = int(rec["step"]) - prev
@@ -108,8 +109,7 @@ def run_ours(args) -> dict[str, Any]:
     start = time.perf_counter()
     metrics = run_pretrain(cfg, args.pool, progress=False)
     wall = time.perf_counter() - start
-    history = json.loads((args.run_dir / args.pool / "history.json").read_text())
-    windows = history_windows(history, args.batch_size)
+    windows = history_windows(metrics["throughput"], args.batch_size)
     name, config = resolve_model_config(args.model)
     return {
         "model": name,

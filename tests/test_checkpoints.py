@@ -101,34 +101,44 @@ def test_open_clip_checkpoint_loads_with_stock_open_clip(tmp_path):
     config = tiny_vit_config(32, 1)
     torch.manual_seed(0)
     bundle = create_clip(NAME, config=config)
-    path = tmp_path / "checkpoint.pt"
+    folder = tmp_path / "model"
+    path = folder / "checkpoint.pt"
     ck.save_open_clip_checkpoint(path, FakeDDP(bundle.model), NAME, config, {"step": 7})
     state = ck.load_checkpoint(path)
     assert state["name"] == NAME and state["step"] == 7 and state["model_config"] == config
     assert not any(k.startswith("module.") for k in state["state_dict"])
-    assert json.loads(ck.config_path(path).read_text()) == config
+    # the architecture beside the checkpoint, named so that open_clip registers it as NAME
+    assert ck.config_path(path, NAME) == folder / f"{NAME}.json"
+    assert json.loads((folder / f"{NAME}.json").read_text()) == config
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["checkpoint.pt", "checkpoint.pt.sha256", f"{NAME}.json"]
+    )
 
-    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = bundle.model.encode_image(image)
-    torch.save(image, tmp_path / "image.pt")
-    # a fresh interpreter with nothing but open_clip: register the config file, load the weights
+    # a fresh interpreter with nothing but open_clip, exactly as the README says: register the
+    # folder's configs, load the checkpoint by architecture name
     script = textwrap.dedent(f"""
-        import shutil, torch, open_clip
-        shutil.copy({str(ck.config_path(path))!r}, {str(tmp_path / (NAME + ".json"))!r})
-        open_clip.add_model_config({str(tmp_path / (NAME + ".json"))!r})
+        import sys, torch, open_clip
+        open_clip.add_model_config({str(folder)!r})
         model, _, preprocess = open_clip.create_model_and_transforms(
             {NAME!r}, pretrained={str(path)!r})
-        model.eval()
-        with torch.no_grad():
-            out = model.encode_image(torch.load({str(tmp_path / "image.pt")!r}))
-        torch.save(out, {str(tmp_path / "out.pt")!r})
+        assert "clipshift" not in sys.modules
+        torch.save(model.state_dict(), {str(tmp_path / "loaded.pt")!r})
     """)
     env = {**os.environ, "PYTHONPATH": ""}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
-    assert torch.allclose(torch.load(tmp_path / "out.pt"), expected, atol=1e-6)
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120, cwd=tmp_path)
+    loaded = torch.load(tmp_path / "loaded.pt", weights_only=True)
+    expected = bundle.model.state_dict()
+    assert loaded.keys() == expected.keys()
+    for key, value in loaded.items():
+        assert torch.equal(value, expected[key]), key
 
     # and in this process, the stock call by name
     model, _, _ = open_clip.create_model_and_transforms(NAME, pretrained=str(path))
     for key, value in model.state_dict().items():
         assert torch.equal(value, bundle.model.state_dict()[key]), key
+
+
+def test_config_path_refuses_a_name_that_is_not_a_file_name(tmp_path):
+    for name in ("", "a/b", "..", "hf-hub:org/model"):
+        with pytest.raises(CheckpointError, match="architecture name"):
+            ck.config_path(tmp_path / "checkpoint.pt", name)

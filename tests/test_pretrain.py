@@ -20,9 +20,9 @@ from clipshift import train_utils as T
 from clipshift.checkpoints import latest_checkpoint, load_checkpoint
 from clipshift.config import PretrainConfig
 from clipshift.errors import ConfigError
-from clipshift.stages.pretrain import TrainHooks, run_pretrain
+from clipshift.stages.pretrain import TIMING_KEYS, TrainHooks, run_pretrain
 from clipshift.tracking_api import RecordingTracker
-from tests.tiny import toy_pretrain_cfg, toy_pretrain_world
+from tests.tiny import toy_pretrain_cfg, toy_pretrain_world, tree_diff
 
 MODEL = "clipshift-test-pt-w32"
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_learns_and_writes_outputs(world, reference):
     assert history[-1]["loss"] < history[0]["loss"] - 0.3  # the toy pool is learnable
     metrics = json.loads((out / "toy" / "metrics.json").read_text())
     assert metrics["steps"] == 8 and metrics["samples"] == 256 and metrics["loader"] == "memory"
-    assert metrics["samples_per_s"] > 0 and metrics["params"] > 0
+    assert ref["metrics"]["samples_per_s"] > 0 and metrics["params"] > 0
     assert metrics["flops_per_sample"] > 0 and metrics["rollbacks"] == 0
     logged = ref["tracker"].metrics
     assert {"loss", "logit_scale", "lr", "grad_norm", "samples_per_s"} <= set(logged[0][1])
@@ -96,7 +96,7 @@ def test_learns_and_writes_outputs(world, reference):
         MODEL, pretrained=str(out / "toy" / "checkpoint.pt")
     )
     assert_bitwise_equal(model.state_dict(), final_state(out))
-    assert json.loads((out / "toy" / "checkpoint.pt.config.json").read_text())["embed_dim"] == 32
+    assert json.loads((out / "toy" / f"{MODEL}.json").read_text())["embed_dim"] == 32
     # only the final resume state is kept
     assert [p.name for p in (out / "toy" / "resume").glob("*.pt")] == ["step-000008.pt"]
 
@@ -108,12 +108,35 @@ def test_resume_after_crash_is_bitwise_identical(world, reference, tmp_path):
         run_pretrain(cfg, "toy", progress=False, hooks=crash_at(5))  # last checkpoint: step 3
     assert latest_checkpoint(tmp_path / "toy" / "resume").name == "step-000003.pt"
     tracker = RecordingTracker()
-    run_pretrain(cfg, "toy", tracker=tracker, progress=False)
+    resumed = run_pretrain(cfg, "toy", tracker=tracker, progress=False)
     assert tracker.metrics[0][0] == 4  # resumed at step 3, so the first new log is step 4
+    # the timings of the cut-off run's first 3 steps came back from its resume state
+    assert [r["step"] for r in resumed["throughput"]] == list(range(1, 9))
     assert_bitwise_equal(final_state(tmp_path), final_state(ref_out))
     ours = json.loads((tmp_path / "toy" / "history.json").read_text())
     theirs = json.loads((ref_out / "toy" / "history.json").read_text())
     assert [r["loss"] for r in ours] == [r["loss"] for r in theirs]
+
+
+def test_rerun_gives_byte_identical_outputs_with_timings_only_in_the_result(world, tmp_path):
+    """models/pretrain/<pool> is a DVC output: the same spec gives the same bytes, so timings
+    (train/wall time, throughput) are returned for metrics/ and MLflow, not written."""
+    cfg = make_cfg(world, tmp_path / "run")
+    first = run_pretrain(cfg, "toy", progress=False)
+    (tmp_path / "run").rename(tmp_path / "first")
+    second = run_pretrain(cfg, "toy", progress=False)
+    assert tree_diff(tmp_path / "first", tmp_path / "run") == []
+    for result in (first, second):
+        assert result["train_time_s"] > 0 and result["wall_time_s"] >= result["train_time_s"]
+        assert result["samples_per_s"] > 0 and len(result["throughput"]) == 8
+    out = tmp_path / "run" / "toy"
+    for name in ("metrics.json", "history.json"):
+        text = (out / name).read_text()
+        assert not any(key in text for key in TIMING_KEYS), name
+    (final,) = (out / "resume").glob("*.pt")
+    assert "timings" not in load_checkpoint(final)
+    again = run_pretrain(cfg, "toy", progress=False)  # finished: reused, nothing timed
+    assert again["reused"] and all(again[k] is None for k in TIMING_KEYS)
 
 
 def test_accumulation_matches_one_big_batch(world, tmp_path):

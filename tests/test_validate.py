@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,9 +16,11 @@ from PIL import Image
 
 from clipshift.config import ValidateConfig
 from clipshift.data import tables as tb
+from clipshift.data.manifest import manifest_datasets
 from clipshift.data.shards import DatasetInfo, ShardWriter, encode_image
 from clipshift.errors import ConfigError, DataError, ValidationFailed
 from clipshift.stages.validate import load_exclusions, run_validate
+from tests.tiny import tree_diff
 
 CLASSES = ["cat", "dog", "owl"]
 SIZE = 24
@@ -131,6 +134,22 @@ def test_clean_world_passes(tmp_path):
     pairs = {(leak.dataset, leak.train_dataset) for leak in report.leaks}
     assert ("test", "pool-diverse") in pairs and ("val", "train") in pairs
     assert ("shift-line", "pool-narrow") in pairs and ("retrieval", "pool-narrow") in pairs
+    assert "seconds" not in json.loads((out / "report.json").read_text())
+
+
+def test_rerun_gives_byte_identical_output_data_docs_included(tmp_path, monkeypatch):
+    """data/validate is a DVC output: a re-run (here in another time zone) changes no byte,
+    although GX stamps run times, render times and random element ids into Data Docs."""
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)  # the epoch: no 20xx dates
+    data = write_fetch(tmp_path)
+    cfg = config(tmp_path, data)
+    run_validate(cfg, progress=False)
+    first = Path(cfg.out_dir).rename(tmp_path / "first")
+    monkeypatch.setenv("TZ", "America/New_York")
+    run_validate(cfg, progress=False)
+    assert tree_diff(first, Path(cfg.out_dir)) == []
+    pages = list((first / "data_docs").rglob("*.html"))
+    assert pages and not any(re.search(r"20\d\dT\d{6}", p.read_text()) for p in pages)
 
 
 def _drop_class(s: Samples) -> None:
@@ -223,7 +242,7 @@ def test_out_dir_inside_data_dir_is_refused(tmp_path):
 
 def test_parallel_read_equals_serial(tmp_path):
     data = write_fetch(tmp_path, lambda s: s["train"][5].update(png=b"not an image"))
-    _, infos = tb.load_manifest(data)
+    _, infos = manifest_datasets(data)
     serial = tb.read_datasets(data, infos, workers=1)
     forked = tb.read_datasets(data, infos, workers=2)
     for a, b in zip(serial, forked, strict=True):

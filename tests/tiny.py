@@ -58,6 +58,32 @@ def tiny_params() -> dict[str, Any]:
     }
 
 
+def tree_hash(root: Path) -> str:
+    """sha256 over a directory's sorted relative file paths and their bytes: equal hashes mean
+    byte-identical trees (what DVC's directory hash compares)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            name = path.relative_to(root).as_posix().encode()
+            digest.update(b"%d:%s:%d:" % (len(name), name, len(data)) + data)
+    return digest.hexdigest()
+
+
+def tree_diff(a: Path, b: Path) -> list[str]:
+    """Relative paths that differ between two trees (missing on one side, or other bytes)."""
+    files = {p.relative_to(a).as_posix() for p in Path(a).rglob("*") if p.is_file()}
+    files |= {p.relative_to(b).as_posix() for p in Path(b).rglob("*") if p.is_file()}
+    return sorted(
+        f
+        for f in files
+        if not ((a / f).is_file() and (b / f).is_file())
+        or (a / f).read_bytes() != (b / f).read_bytes()
+    )
+
+
 def copy_sample_into(data_dir: str, source: str, target: str) -> str:
     """Plant the first image of ``source`` into dataset ``target`` (a leak); returns its key."""
     import tarfile

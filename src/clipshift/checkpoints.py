@@ -26,7 +26,8 @@ from clipshift.errors import CheckpointError, ConfigError
 from clipshift.io_utils import temp_path, write_error_message, write_json_atomic
 
 SIDECAR_SUFFIX = ".sha256"
-CONFIG_SUFFIX = ".config.json"
+CONFIG_SUFFIX = ".json"  # <checkpoint folder>/<architecture name>.json: what open_clip scans
+LEGACY_CONFIG_SUFFIX = ".config.json"  # <checkpoint>.config.json, written before
 _STEP_RE = re.compile(r"(\d+)")
 CHECKPOINT_CACHE = ".cache/clipshift"  # fetch.cache_dir's default: one download cache
 
@@ -36,9 +37,16 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
-def config_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + CONFIG_SUFFIX)
+def config_path(path: str | Path, name: str) -> Path:
+    """Where the architecture ``name`` of checkpoint ``path`` is saved: ``<folder>/<name>.json``,
+    so that ``open_clip.add_model_config(<folder>)`` registers it under ``name`` (open_clip
+    names a config file's architecture after the file's stem)."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise CheckpointError(
+            f"architecture name {name!r} cannot name a config file beside {path}; give the "
+            "model a plain open_clip name (no path separators)"
+        )
+    return Path(path).with_name(name + CONFIG_SUFFIX)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -205,12 +213,16 @@ def save_open_clip_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint that ``open_clip.create_model_and_transforms(name, pretrained=path)``
-    loads, plus ``<path>.config.json`` holding the architecture so that it can be registered
-    (``open_clip.add_model_config``) in a process that does not know ``name``."""
+    loads, plus its architecture as ``<folder>/<name>.json`` (:func:`config_path`), so that a
+    process that does not know ``name`` registers it with
+    ``open_clip.add_model_config(<folder>)`` (or that file) first."""
+    target = config_path(path, name)  # refuses a name that cannot be a file name, before writing
     state_dict = clean_state_dict(unwrap_model(model).state_dict())
     state = {"state_dict": state_dict, "name": name, "model_config": config, **(extra or {})}
     save_checkpoint(path, state)
-    write_json_atomic(config_path(path), config)
+    write_json_atomic(target, config)
+    # the layout before: <checkpoint>.config.json, which open_clip registers under a wrong name
+    Path(path).with_name(Path(path).name + LEGACY_CONFIG_SUFFIX).unlink(missing_ok=True)
 
 
 def _step_of(path: Path) -> int:

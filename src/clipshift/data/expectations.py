@@ -6,13 +6,28 @@ validation definition per table. The context keeps nothing on disk except the Da
 which is configured to write into the stage's output folder, so a re-run never mixes results of
 an older run into the docs. Progress bars and analytics are off: this runs inside pipelines.
 
+The site is a DVC output, so it is byte-deterministic: every validation runs under one fixed
+run identifier (name ``clipshift-validate``, time ``$SOURCE_DATE_EPOCH`` or the Unix epoch)
+instead of "now", which GX would put into page paths, the index and the results; the other
+render-time values GX writes into the pages (the batch's ``ge_load_time``, a ``?d=<now>``
+on its logo URL, random uuid4 ids of collapsible HTML elements) are rewritten after the build:
+times to the run time, element ids to sequential ones. GX shows run times in the machine's
+local time zone, so validations and the docs build run with ``TZ=UTC``. When the validation
+ran is recorded by the stage's MLflow run, not in its outputs.
+
 Every expectation carries ``meta`` with a ``rule`` (the check in words) and a ``fix`` (what the
 user can do), which the stage turns into its failure message.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import os
+import re
 import shutil
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +35,7 @@ from typing import Any
 import great_expectations as gx
 import great_expectations.expectations as gxe
 import pandas as pd
+from great_expectations.core.run_identifier import RunIdentifier
 from great_expectations.data_context.types.base import (
     DataContextConfig,
     InMemoryStoreBackendDefaults,
@@ -32,6 +48,10 @@ ALLOWED_MODES = ["RGB", "RGBA", "L", "LA", "P"]  # what the loaders' convert("RG
 EXAMPLES = 5  # example rows kept per failing expectation on large tables
 
 FIX_DATA = "re-run fetch for it (`dvc repro fetch`) or repair the source"
+RUN_NAME = "clipshift-validate"
+# What GX writes into Data Docs pages from the clock and from uuid4 (see the module doc)
+_TIMESTAMP = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
+_UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 
 def _meta(rule: str, fix: str) -> dict[str, str]:
@@ -254,11 +274,38 @@ def _outcome(suite: str, res: Any) -> Outcome:
 # the context
 
 
+def run_identifier() -> RunIdentifier:
+    """The fixed run identifier of every validation: Data Docs hold no wall-clock time.
+
+    Its time is ``$SOURCE_DATE_EPOCH`` (the reproducible-builds convention) when set, else the
+    Unix epoch."""
+    epoch = int(os.environ.get("SOURCE_DATE_EPOCH") or 0)
+    when = datetime.datetime.fromtimestamp(epoch, tz=datetime.UTC)
+    return RunIdentifier(run_name=RUN_NAME, run_time=when)
+
+
+@contextlib.contextmanager
+def utc_local_time() -> Iterator[None]:
+    """Make UTC the process's local time zone meanwhile (GX renders times in local time)."""
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = "UTC"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
+
+
 class GXRunner:
     """One ephemeral GX context per validate run; Data Docs go to ``docs_dir``."""
 
     def __init__(self, docs_dir: str | Path) -> None:
         self.docs_dir = Path(docs_dir).resolve()
+        self.run_id = run_identifier()
         shutil.rmtree(self.docs_dir, ignore_errors=True)  # our output: no stale pages
         config = DataContextConfig(
             store_backend_defaults=InMemoryStoreBackendDefaults(),
@@ -302,10 +349,31 @@ class GXRunner:
             "partial_unexpected_count": EXAMPLES,
             "include_unexpected_rows": False,
         }
-        res = definition.run(batch_parameters={"dataframe": table}, result_format=result_format)
+        with utc_local_time():
+            res = definition.run(
+                batch_parameters={"dataframe": table},
+                result_format=result_format,
+                run_id=self.run_id,
+            )
         outcomes = [_outcome(name, r) for r in res.results]
         return SuiteOutcome(name, bool(res.success), outcomes)
 
     def build_docs(self) -> Path:
-        self.context.build_data_docs()
+        with utc_local_time():
+            self.context.build_data_docs()
+        self._pin_pages()
         return self.docs_dir / "index.html"
+
+    def _pin_pages(self) -> None:
+        """Replace the clock times and random element ids GX rendered by fixed values."""
+        run_time = self.run_id.run_time.strftime("%Y%m%dT%H%M%S.%fZ")
+        ids: dict[str, str] = {}  # one id per uuid across the site, numbered in page order
+
+        def element_id(match: re.Match[str]) -> str:
+            return ids.setdefault(match.group(0), f"clipshift-{len(ids):06d}")
+
+        for page in sorted(self.docs_dir.rglob("*.html")):
+            html = page.read_text(encoding="utf-8")
+            pinned = _UUID4.sub(element_id, _TIMESTAMP.sub(run_time, html))
+            if pinned != html:
+                page.write_text(pinned, encoding="utf-8")

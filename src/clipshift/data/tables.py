@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import multiprocessing
 import sys
 import tarfile
@@ -29,12 +28,10 @@ from clipshift.data.shards import (
     INFO_FILE,
     DatasetInfo,
     group_members,
-    load_info,
     sha256_file,
 )
 from clipshift.errors import DataError
 
-MANIFEST_FILE = "manifest.json"
 LABELLED_ROLES = ("train", "val", "test", "shift")
 CAPTION_ROLES = ("pool", "retrieval")
 EVAL_ROLES = ("val", "test", "shift", "retrieval")  # val too: it selects WiSE-FT's alpha
@@ -245,35 +242,6 @@ def read_datasets(
 def _read_job(path: Path, shard: ShardRead) -> tuple[list[dict[str, Any]], ShardRead]:
     rows = read_shard(path, shard)
     return rows, shard  # the worker's copy of ``shard`` carries the counts back
-
-
-def read_dataset(dataset_dir: str | Path, info: DatasetInfo | None = None) -> DatasetRead:
-    """One dataset's per-sample table (its dataset.json stands in for a manifest entry)."""
-    dataset_dir = Path(dataset_dir)
-    info = info or load_info(dataset_dir)
-    return read_datasets(dataset_dir.parent, {dataset_dir.name: info})[0]
-
-
-def load_manifest(data_dir: str | Path) -> tuple[list[str], dict[str, DatasetInfo]]:
-    """(task classes, {name: DatasetInfo}) from ``manifest.json``."""
-    path = Path(data_dir) / MANIFEST_FILE
-    if not path.exists():
-        raise DataError(
-            f"no {MANIFEST_FILE} in '{data_dir}': it is not a fetch output; run "
-            "`dvc repro fetch` (or `clipshift fetch`) first, or point validate.data_dir at it"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-        classes = list((manifest.get("task") or {}).get("classes") or [])
-        datasets = {
-            name: DatasetInfo.model_validate({"name": name, **entry})
-            for name, entry in (manifest.get("datasets") or {}).items()
-        }
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise DataError(f"{path} is corrupt ({exc}); delete it and run fetch again") from None
-    if not datasets:
-        raise DataError(f"{path} lists no datasets; run fetch again")
-    return classes, datasets
 
 
 # --------------------------------------------------------------------------------------------

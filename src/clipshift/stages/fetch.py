@@ -3,23 +3,29 @@
 Every dataset lands in ``<out_dir>/<name>/`` (dataset.json + webdataset shards); the manifest
 lists them with counts, class lists and shard hashes. Datasets of sources that are no longer
 configured are removed, so the manifest always describes exactly what is on disk.
+
+``<out_dir>`` is a DVC output, so it is a pure function of the configuration and the sources:
+nothing in it records how long fetch took or what an earlier run left behind. Those facts
+(``fetch_seconds``, ``world_build_seconds``, ``removed_stale``) come back with the manifest
+from :func:`run_fetch` and go to ``metrics/fetch.json`` and MLflow (:func:`fetch_metrics`).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from clipshift.config import FetchConfig
+from clipshift.data.manifest import MANIFEST
 from clipshift.data.shards import INFO_FILE, DatasetInfo
 from clipshift.errors import DataError
 from clipshift.io_utils import write_json_atomic
 from clipshift.tracking_api import NullTracker, Tracker
 
-MANIFEST = "manifest.json"
+# What run_fetch returns beside the manifest: facts of this run, never written into out_dir
+RUN_FACTS = ("fetch_seconds", "world_build_seconds", "removed_stale")
 REFERENCE_ORDER = {"test": 0, "train": 1, "val": 2}  # sources that may define the task
 
 
@@ -63,16 +69,22 @@ def _prune_stale(out_dir: Path, keep: set[str]) -> list[str]:
 
 
 def run_fetch(cfg: FetchConfig, tracker: Tracker | None = None, progress: bool = True) -> dict:
-    """Build the world (if enabled) and fetch every source; return the manifest."""
+    """Build the world (if enabled) and fetch every source; write ``manifest.json``.
+
+    Returns the manifest as written plus this run's facts (:data:`RUN_FACTS`: timings, stale
+    datasets removed), which stay out of ``out_dir`` so that it is byte-deterministic.
+    """
     tracker = tracker or NullTracker()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     manifest: dict[str, Any] = {"seed": cfg.seed, "task": {"classes": None}, "datasets": {}}
+    facts: dict[str, Any] = {"world_build_seconds": None}
     if cfg.use_world:
         from clipshift.data.world import build_world
 
         world = build_world(cfg, out_dir, tracker=tracker, progress=progress)
+        facts["world_build_seconds"] = world.pop("build_seconds", None)
         manifest.update({k: v for k, v in world.items() if k != "datasets"})
         manifest["datasets"].update(world["datasets"])
     task_classes = manifest["task"].get("classes")
@@ -87,25 +99,19 @@ def run_fetch(cfg: FetchConfig, tracker: Tracker | None = None, progress: bool =
     manifest["task"]["classes"] = task_classes or reference_classes(external)
     if not manifest["datasets"]:
         raise DataError("nothing to fetch: set fetch.use_world: true or list fetch.sources")
-    manifest["removed_stale"] = _prune_stale(out_dir, set(manifest["datasets"]))
-    manifest["fetch_seconds"] = round(time.perf_counter() - start, 2)
+    facts["removed_stale"] = _prune_stale(out_dir, set(manifest["datasets"]))
     write_json_atomic(out_dir / MANIFEST, manifest)
-    return manifest
+    facts["fetch_seconds"] = round(time.perf_counter() - start, 2)
+    return {**manifest, **facts}
 
 
-def fetch_metrics(manifest: dict) -> dict[str, Any]:
-    """Flat numbers for `dvc metrics show`."""
-    datasets = manifest["datasets"]
+def fetch_metrics(result: dict) -> dict[str, Any]:
+    """Flat numbers for `dvc metrics show` (``metrics/fetch.json``): counts and timings."""
+    datasets = result["datasets"]
     return {
-        "num_classes": len(manifest["task"].get("classes") or []),
+        "num_classes": len(result["task"].get("classes") or []),
         "num_datasets": len(datasets),
         "samples": {name: info["num_samples"] for name, info in sorted(datasets.items())},
-        "fetch_seconds": manifest.get("fetch_seconds"),
+        "fetch_seconds": result.get("fetch_seconds"),
+        "world_build_seconds": result.get("world_build_seconds"),
     }
-
-
-def load_manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / MANIFEST
-    if not path.exists():
-        raise DataError(f"no {MANIFEST} in '{data_dir}'; run `dvc repro fetch` first")
-    return json.loads(path.read_text())

@@ -6,6 +6,10 @@ one feature pass of the frozen tower; for ``cfg.pool``, the end-to-end fine-tune
 (:mod:`clipshift.methods.finetuning`); then the reference-only baselines
 (:mod:`clipshift.methods.baselines`). :func:`run_finetune` writes every model plus
 ``index.json`` (see :mod:`clipshift.registry`) under ``cfg.out_dir``.
+
+``cfg.out_dir`` is a DVC output, so no timing goes into it: each model's training time is
+returned in the summary's ``train_seconds``, which the flow writes to
+``metrics/finetune.json`` and MLflow.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class _Stage:
     spec: dict[str, Any] = field(default_factory=dict)
     entries: list[ModelEntry] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=lambda: {"models": {}})
+    train_seconds: dict[str, float] = field(default_factory=dict)  # not written to out
     main: bool = True  # under torchrun only rank 0 writes files and logs
 
     def save(self, path: str, clf: ImageClassifier, meta: dict) -> None:
@@ -85,9 +90,10 @@ class _Stage:
             save_classifier(self.out / path, clf, {**meta, "training_spec": self.spec})
 
     def add(self, entry: ModelEntry, seconds: float, val_accuracy: float | None) -> None:
-        entry.extra.update({"train_seconds": round(seconds, 2), "val_accuracy": val_accuracy})
+        entry.extra.update({"val_accuracy": val_accuracy})
         self.entries.append(entry)
         self.summary["models"][entry.id] = {"kind": entry.kind, "pool": entry.pool, **entry.extra}
+        self.train_seconds[entry.id] = round(seconds, 2)
         if val_accuracy is not None:
             self.tracker.log_metrics({f"val_accuracy/{entry.id}": val_accuracy})
 
@@ -220,7 +226,8 @@ def run_finetune(
 ) -> dict:
     """The finetune stage: for every pretrained pool a zero-shot classifier, a linear probe and
     a k-NN classifier; for ``cfg.pool`` the end-to-end fine-tunes; then the baselines. Writes
-    the models, ``index.json`` and ``finetune.json`` under ``cfg.out_dir``; returns the summary.
+    the models, ``index.json`` and ``finetune.json`` under ``cfg.out_dir``; returns the summary
+    (finetune.json's content) plus ``train_seconds`` ({model id: seconds}, not written there).
 
     Under torchrun every rank calls it: the end-to-end fine-tunes and the baselines train with
     DDP, the one-pass linear probe and k-NN run on rank 0 alone, and only rank 0 writes files
@@ -275,7 +282,7 @@ def run_finetune(
         write_index(out, st.entries)
         write_json_atomic(out / "finetune.json", st.summary)
         st.tracker.log_dict(st.summary, "finetune.json")
-    return D.broadcast_object(st.summary)
+    return D.broadcast_object({**st.summary, "train_seconds": st.train_seconds})
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,12 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="clipshift finetune stage (one rank)")
     parser.add_argument("--config-json", required=True, help="a FinetuneConfig as JSON")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--timings-json", help="rank 0 writes {model id: train seconds} here (not in out_dir)"
+    )
     args = parser.parse_args(argv)
     cfg = FinetuneConfig.model_validate_json(Path(args.config_json).read_text())
-    return D.run_on_rank(
-        lambda: run_finetune(cfg, progress=not args.no_progress),
-        lambda s: {mid: m.get("val_accuracy") for mid, m in s["models"].items()},
-    )
+
+    def report(summary: dict) -> dict:
+        if args.timings_json:
+            write_json_atomic(args.timings_json, summary["train_seconds"])
+        return {mid: m.get("val_accuracy") for mid, m in summary["models"].items()}
+
+    return D.run_on_rank(lambda: run_finetune(cfg, progress=not args.no_progress), report)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,14 @@ def run_interpolate(cfg: InterpolateConfig, tracker: Tracker | None = None) -> d
 
     summary["soups"] = _soups(run, _pick(entries, "finetuned", pool))
     write_index(out, run.entries)
-    write_json_atomic(out / "interpolate.json", summary)
+    write_json_atomic(out / "interpolate.json", without_timings(summary))
     run.tracker.log_dict(summary, "interpolate.json")
+    return summary
+
+
+def without_timings(summary: Any) -> Any:
+    """``summary`` without its ``seconds`` entries: ``cfg.out_dir`` is a DVC output, so it holds
+    no timing; they stay in the returned summary (metrics/interpolate.json and MLflow)."""
+    if isinstance(summary, dict):
+        return {k: without_timings(v) for k, v in summary.items() if k != "seconds"}
     return summary

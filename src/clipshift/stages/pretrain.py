@@ -9,9 +9,16 @@ Outputs, in ``<out_dir>/<pool>/``:
   resumes, or reuses a finished run, only when its spec is identical; otherwise the folder's
   contents move to ``superseded/<time>-<fingerprint>/`` and training starts from step 0
   (:mod:`clipshift.training_spec`).
-* ``checkpoint.pt`` (+ ``.sha256``, ``.config.json``) — loadable by stock
-  ``open_clip.create_model_and_transforms(name, pretrained=...)``.
-* ``metrics.json`` (DVC metrics) and ``history.json`` (per-log-step records, DVC plots).
+* ``checkpoint.pt`` (+ ``.sha256``) and ``<architecture name>.json`` — loadable by stock
+  open_clip: ``open_clip.add_model_config(<folder>)``, then
+  ``open_clip.create_model_and_transforms(name, pretrained=<folder>/checkpoint.pt)``.
+* ``metrics.json`` (the run's results) and ``history.json`` (per-log-step records, DVC plots).
+
+The folder is a DVC output, so nothing in it is a timing: a finished run's files are a pure
+function of its training spec. Training time, wall time and throughput (overall and per
+logged step) are returned by :func:`run_pretrain` (:data:`TIMING_KEYS`), logged to MLflow and
+written by the flow to ``metrics/pretrain/<pool>.json``; resume states carry them only until
+the run finishes, so a resumed run still counts the time of the run it continues.
 
 Reproducibility: the data order is a pure function of (seed, step) — each epoch is a seeded
 permutation of the pool and each step's crops come from a (seed, step) generator — so a run
@@ -78,6 +85,11 @@ from clipshift.training_spec import (
 log = logging.getLogger(__name__)
 
 RESUME_DIR = "resume"
+# What run_pretrain returns beside metrics.json's content: facts of this process, not outputs
+TIMING_KEYS = ("samples_per_s", "train_time_s", "wall_time_s", "throughput")
+# The run folder's layout, part of the training spec: a folder another layout wrote (v1 held
+# timings and checkpoint.pt.config.json) is set aside and retrained, never mixed or reused.
+OUTPUT_LAYOUT = 2
 KEEP_RESUME = 3  # resume checkpoints kept while training (rollback targets); 1 at the end
 MEMORY_LIMIT_BYTES = 2 << 30  # loader 'auto' decodes pools into RAM below this size
 
@@ -212,6 +224,7 @@ class Pretrainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.train_time = 0.0
+        self.throughput: list[dict[str, float]] = []  # {step, samples_per_s} per logged step
         self.interval = {"sum": 0.0, "count": 0}
         self.model: torch.nn.Module = self.raw  # DDP wrapper once set up
 
@@ -231,7 +244,7 @@ class Pretrainer:
     # ---- state ---------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        return {
+        state = {
             "kind": "clipshift-pretrain-resume",
             "model": unwrap_model(self.raw).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -242,7 +255,6 @@ class Pretrainer:
             "guard": self.guard.state_dict(),
             "history": list(self.history),
             "interval": dict(self.interval),
-            "train_time_s": self.train_time,
             "config": self.cfg.model_dump(mode="json"),
             "training_spec": self.spec,
             "pool": self.pool,
@@ -251,6 +263,9 @@ class Pretrainer:
             "model_config": self.bundle.config,
             "threads": torch.get_num_threads(),
         }
+        if self.step < self.total_steps:  # the final state is kept in the output: no timings
+            state["timings"] = {"train_time_s": self.train_time, "throughput": self.throughput}
+        return state
 
     def load_state(self, state: dict[str, Any], rollback: bool = False) -> None:
         self.raw.load_state_dict(state["model"])
@@ -262,8 +277,12 @@ class Pretrainer:
         self.interval = dict(state.get("interval", {"sum": 0.0, "count": 0}))
         # a rollback keeps the guard's counters (and its halved LR), a resume restores them
         self.guard.load_state_dict(state.get("guard", {}), history_only=rollback)
-        if not rollback:
-            self.train_time = float(state.get("train_time_s", 0.0))
+        if rollback:  # the time keeps counting; the rates of the undone steps are dropped
+            self.throughput = [r for r in self.throughput if r["step"] <= self.step]
+        else:
+            timings = state.get("timings") or {}
+            self.train_time = float(timings.get("train_time_s", 0.0))
+            self.throughput = list(timings.get("throughput", []))
             T.restore_rng(state["rng"])
 
     def training_spec(self) -> dict[str, Any]:
@@ -280,6 +299,7 @@ class Pretrainer:
                 "pretrain.device": self.device.type,
                 "pretrain.world_size": self.dist.world_size,
                 "pretrain.loader": self.loader_kind,
+                "pretrain.output_layout": OUTPUT_LAYOUT,
             }
         )
         if self.loader_kind == "stream":  # webdataset workers interleave the shards
@@ -498,14 +518,14 @@ class Pretrainer:
             "logit_scale": float(unwrap_model(self.raw).logit_scale.detach().exp()),
             "lr": numbers["lr"],
             "grad_norm": numbers["grad_norm"],
-            "samples_per_s": interval_samples / max(seconds, 1e-9),
         }
+        rate = interval_samples / max(seconds, 1e-9)
         self.history.append(record)
+        self.throughput.append({"step": self.step, "samples_per_s": rate})
         self.interval = {"sum": 0.0, "count": 0}
         if self.dist.is_main:
-            self.tracker.log_metrics(
-                {k: v for k, v in record.items() if k != "step"}, step=self.step
-            )
+            numbers = {k: v for k, v in record.items() if k != "step"}
+            self.tracker.log_metrics({**numbers, "samples_per_s": rate}, step=self.step)
 
     def train(self, data: MemoryBatches | StreamBatches) -> None:
         cfg = self.cfg
@@ -551,6 +571,7 @@ class Pretrainer:
         bar.close()
 
     def finish(self, wall: float) -> dict[str, Any]:
+        """Write the outputs; return metrics.json's content plus this process's timings."""
         cfg, samples = self.cfg, self.step * self.cfg.batch_size
         last = self.history[-1] if self.history else {}
         metrics: dict[str, Any] = {
@@ -562,9 +583,6 @@ class Pretrainer:
             "final_loss": last.get("loss"),
             "final_loss_avg": last.get("loss_avg"),
             "final_logit_scale": last.get("logit_scale"),
-            "samples_per_s": samples / self.train_time if self.train_time else None,
-            "train_time_s": round(self.train_time, 3),
-            "wall_time_s": round(wall, 3),
             "params": sum(p.numel() for p in self.raw.parameters()),
             "world_size": self.dist.world_size,
             "loader": self.loader_kind,
@@ -579,8 +597,13 @@ class Pretrainer:
         if self.dist.is_main:
             self.write_outputs(metrics)
         D.barrier()
-        metrics["checkpoint"] = str(self.out / "checkpoint.pt")
-        return metrics
+        timings = {
+            "samples_per_s": samples / self.train_time if self.train_time else None,
+            "train_time_s": round(self.train_time, 3),
+            "wall_time_s": round(wall, 3),
+            "throughput": list(self.throughput),
+        }
+        return {**metrics, **timings, "checkpoint": str(self.out / "checkpoint.pt")}
 
     def write_outputs(self, metrics: dict[str, Any]) -> None:
         extra = {
@@ -608,7 +631,8 @@ class Pretrainer:
         return metrics if metrics.get("training_fingerprint") == self.fingerprint else None
 
     def reuse(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Return a finished run's results untouched: retraining would give the same bits."""
+        """Return a finished run's results untouched: retraining would give the same bits.
+        Nothing was trained, so its timings are None."""
         log.info(
             "pretrain %s: reusing the finished run in %s (identical training spec %s)",
             self.pool,
@@ -618,7 +642,8 @@ class Pretrainer:
         if self.dist.is_main:
             self.tracker.set_tags({"clipshift.reused": "true"})
         D.barrier()
-        return {**metrics, "reused": True, "checkpoint": str(self.out / "checkpoint.pt")}
+        timings = dict.fromkeys(TIMING_KEYS)
+        return {**metrics, **timings, "reused": True, "checkpoint": str(self.out / "checkpoint.pt")}
 
     def run(self) -> dict[str, Any]:
         wall_start = time.perf_counter()
@@ -665,7 +690,8 @@ def run_pretrain(
     Works in one process and under ``torchrun`` (every rank calls it; only rank 0 logs and
     writes files). ``pool_data``: that pool already decoded for this model (the scaling stage
     decodes each pool once for its whole grid); used by the in-memory loader. Returns the
-    metrics also written to ``<out_dir>/<pool>/metrics.json``.
+    metrics also written to ``<out_dir>/<pool>/metrics.json`` plus this process's timings
+    (:data:`TIMING_KEYS`; None for a reused run), which are not written there.
     """
     previous_threads = torch.get_num_threads()
     trainer = Pretrainer(cfg, pool, tracker or NullTracker(), progress, hooks, pool_data)
@@ -689,13 +715,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-json", required=True, help="a PretrainConfig as JSON")
     parser.add_argument("--pool", action="append", help="pool(s) to train; default cfg.pools")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--timings-json", help="rank 0 writes {pool: timings} here (they are not in out_dir)"
+    )
     args = parser.parse_args(argv)
     cfg = PretrainConfig.model_validate_json(Path(args.config_json).read_text())
+    timings = {}
     try:
         for pool in args.pool or cfg.pools:
             result = run_pretrain(cfg, pool, progress=not args.no_progress)
+            timings[pool] = {k: result.get(k) for k in TIMING_KEYS}
             if D.is_main():
-                print({k: v for k, v in result.items() if k != "events"})
+                print({k: v for k, v in result.items() if k not in ("events", "throughput")})
+        if args.timings_json and D.is_main():
+            write_json_atomic(args.timings_json, timings)
     finally:
         D.cleanup()
     return 0

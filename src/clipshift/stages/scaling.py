@@ -86,7 +86,8 @@ CSV_COLUMNS = (
 )
 EVAL_FILE = "eval.json"
 #: Bump when the evaluation protocol changes, so stored eval.json files are recomputed.
-EVAL_VERSION = 1
+#: 2: eval.json holds no timing (models/scaling is a DVC output); eval_seconds is in the row.
+EVAL_VERSION = 2
 # --------------------------------------------------------------------------------------------
 # names and paths
 
@@ -293,9 +294,8 @@ def _evaluation(rdir: Path, inputs: GridInputs, seed: int) -> dict[str, Any]:
     metrics = evaluate_clip(
         load_pretrained(ckpt, device), inputs.data, inputs.protocol, seed, device
     )
-    metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
     write_json_atomic(path, {"key": key, "metrics": metrics})
-    return metrics
+    return {**metrics, "eval_seconds": round(time.perf_counter() - start, 2)}
 
 
 def _row(

@@ -5,7 +5,8 @@
 (identical bytes, or a near-identical perceptual hash), runs the Great Expectations suites,
 and writes into ``out_dir`` (never into fetch's folder):
 
-- ``report.json``   the :class:`ValidationReport` (suites, failures, counts, leaks)
+- ``report.json``   the :class:`ValidationReport` (suites, failures, counts, leaks; not its
+                    ``seconds``: the folder is a DVC output, so nothing in it is a timing)
 - ``exclude.json``  ``{dataset: [keys]}`` of leaked evaluation samples that loaders skip
                     (filled only with ``leakage: drop``; ``{}`` otherwise)
 - ``leaks.csv``     every leaked (evaluation sample, training sample) pair
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from clipshift.config import ValidateConfig
 from clipshift.data import tables as tb
+from clipshift.data.manifest import manifest_datasets
 from clipshift.errors import ConfigError, ValidationFailed
 
 REPORT_FILE = "report.json"
@@ -115,7 +117,7 @@ class ValidationReport(BaseModel):
     failures: list[RuleFailure]
     leaks: list[LeakCount]
     excluded: dict[str, list[str]]
-    seconds: float
+    seconds: float = Field(description="Wall time of the run (metrics only, not report.json)")
 
     def failure_message(self) -> str:
         head = f"validate failed: {len(self.failures)} rule(s) broken in '{self.data_dir}':"
@@ -363,7 +365,7 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> ValidationReport
     start = time.perf_counter()
     data_dir, out_dir = Path(cfg.data_dir), Path(cfg.out_dir)
     _check_dirs(data_dir, out_dir)
-    task_classes, infos = tb.load_manifest(data_dir)
+    task_classes, infos = manifest_datasets(data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     reads = _read_all(data_dir, infos, progress)
@@ -415,7 +417,7 @@ def run_validate(cfg: ValidateConfig, progress: bool = True) -> ValidationReport
     pairs.to_csv(out_dir / LEAKS_FILE, index=False)
     _write_json(out_dir / EXCLUDE_FILE, excluded)
     _write_json(out_dir / METRICS_FILE, report.metrics())
-    _write_json(out_dir / REPORT_FILE, report.model_dump(mode="json"))
+    _write_json(out_dir / REPORT_FILE, report.model_dump(mode="json", exclude={"seconds"}))
     if failures:
         raise ValidationFailed(report.failure_message())
     return report

@@ -417,7 +417,10 @@ def style_infos(lib: ArtLibrary, world: WorldConfig) -> dict[str, dict[str, str]
 def build_world(
     cfg: FetchConfig, out_dir: Path, tracker: Tracker | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """Render the built-in world into ``out_dir``; return its part of the fetch manifest."""
+    """Render the built-in world into ``out_dir``; return its part of the fetch manifest.
+
+    The returned ``build_seconds`` is a fact of this run for metrics, not manifest content:
+    everything written into ``out_dir`` is a pure function of the configuration."""
     start = time.perf_counter()
     tracker = tracker or NullTracker()
     world, seed, out_dir = cfg.world, cfg.seed, Path(out_dir)
