@@ -1,13 +1,11 @@
 """Finetune flow: zero-shot heads, end-to-end fine-tunes, linear probe, k-NN, baselines.
 
-With ``nproc_per_node > 1`` the flow launches the stage under ``torchrun`` (the end-to-end
-fine-tunes and baselines train with DDP) and logs rank 0's summary to MLflow when it ends.
+With ``distributed`` asking for several ranks the stage runs under torchrun (the end-to-end
+fine-tunes and baselines train with DDP; :func:`clipshift.distributed.run_stage`) and what
+rank 0 logged reaches MLflow when it ends.
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 from prefect import flow
 
@@ -17,28 +15,11 @@ from clipshift.stages.finetune import run_finetune
 from flows._common import report_table, tracked_stage
 
 
-def launch_torchrun(config: FinetuneConfig, tracker) -> dict:
-    """Fine-tune under torchrun, then log rank 0's results to this flow's MLflow run."""
-    D.launch_torchrun("clipshift.stages.finetune", config, ["--no-progress"])
-    summary = json.loads((Path(config.out_dir) / "finetune.json").read_text())
-    accuracies = {
-        f"val_accuracy/{mid}": float(m["val_accuracy"])
-        for mid, m in summary["models"].items()
-        if m.get("val_accuracy") is not None
-    }
-    tracker.log_metrics(accuracies)
-    tracker.log_dict(summary, "finetune.json")
-    return summary
-
-
 @flow(name="finetune", log_prints=True)
 def finetune_flow(config: FinetuneConfig = FinetuneConfig()) -> dict:
     """Adapt the pretrained CLIPs to the reference task and train the baseline models."""
     with tracked_stage("finetune", config) as tracker:
-        if D.wants_torchrun(config):
-            result = launch_torchrun(config, tracker)
-        else:
-            result = run_finetune(config, tracker=tracker)
+        result = D.run_stage(run_finetune, config, tracker)
         rows = [{"model": mid, **info} for mid, info in result.get("models", {}).items()]
         report_table("finetune-models", rows, "Models written by finetune")
         return result

@@ -77,7 +77,7 @@ def write_params(root: Path) -> None:
         "warmup_steps": 1,
         "log_every": 1,
         "workers": 0,
-        "nproc_per_node": 2,
+        "distributed": {"nproc_per_node": 2},
     }
     (root / "params.yaml").write_text(yaml.safe_dump({"pretrain": pretrain}))
 

@@ -213,6 +213,54 @@ class ValidateConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------------------------
+# distributed: how many processes run pretrain, finetune and evaluate
+
+
+class DistributedConfig(StrictModel):
+    """The ranks of a stage: ``nproc_per_node`` processes on each of ``nnodes`` nodes, started by
+    torchrun (:func:`clipshift.distributed.launch`). One rank runs in-process, without torchrun.
+    """
+
+    nproc_per_node: int = Field(
+        1, ge=1, le=64, description="Ranks per node: one per GPU (on CPU they share the cores)."
+    )
+    nnodes: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Nodes. Above 1, every node runs `python -m clipshift.distributed launch` "
+        "with the same settings (infra/k8s/torchrun-job.yaml does) and they meet at "
+        "rdzv_endpoint.",
+    )
+    rdzv_endpoint: str | None = Field(
+        None,
+        pattern=r"^\S+:\d{1,5}$",
+        description="host:port of the c10d rendezvous, reachable from every node (node 0 hosts "
+        "it); needed when nnodes > 1.",
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @model_validator(mode="after")
+    def _endpoint_for_nodes(self) -> DistributedConfig:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(
+                f"nnodes={self.nnodes} needs rdzv_endpoint: the host:port every node reaches "
+                "for the c10d rendezvous (e.g. node0.example:29400); or set nnodes: 1"
+            )
+        return self
+
+
+def _distributed_field() -> Any:
+    return Field(
+        default_factory=DistributedConfig,
+        description="Ranks: nproc_per_node × nnodes processes under torchrun (1: in-process).",
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # pretrain
 
 
@@ -237,8 +285,7 @@ class TrainLoopConfig(StrictModel):
         100, ge=1, description="Write a resumable checkpoint every N steps."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
-    nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes per node.")
-    nnodes: int = Field(1, ge=1, le=4096, description="torchrun nodes.")
+    distributed: DistributedConfig = _distributed_field()
     seed: int = Field(0, ge=0)
 
 
@@ -246,12 +293,13 @@ class PretrainConfig(TrainLoopConfig):
     # Settings that cannot change the trained weights (clipshift.training_spec): logging,
     # paths and the list of pools (each pool is its own run). Others enter the training spec
     # resolved: model → its architecture, init_checkpoint → the file's sha256, device/loader →
-    # what 'auto' chose, nproc_per_node × nnodes → the world size; workers counts only for the
-    # streaming loader, whose sample order depends on it. checkpoint_every stays in: the spike
-    # guard rolls back to the last checkpoint, so it can change the weights.
+    # what 'auto' chose, distributed → the world size (nproc_per_node × nnodes, as the ranks
+    # see it); workers counts only for the streaming loader, whose sample order depends on it.
+    # checkpoint_every stays in: the spike guard rolls back to the last checkpoint, so it can
+    # change the weights.
     RESULT_NEUTRAL: ClassVar[frozenset[str]] = frozenset(
         {"log_every", "data_dir", "out_dir", "pools", "model", "init_checkpoint", "device",
-         "loader", "nproc_per_node", "nnodes", "workers"}
+         "loader", "distributed", "workers"}
     )  # fmt: skip
 
     data_dir: str = Field("data/fetch", description="Output of fetch (the pools live here).")
@@ -334,7 +382,7 @@ class FinetuneConfig(StrictModel):
     # Paths and worker counts cannot change the models (clipshift.training_spec); the ranks
     # enter the training spec as the world size, the pretrained models as their sha256.
     RESULT_NEUTRAL: ClassVar[frozenset[str]] = frozenset(
-        {"data_dir", "pretrain_dir", "out_dir", "workers", "nproc_per_node", "nnodes"}
+        {"data_dir", "pretrain_dir", "out_dir", "workers", "distributed"}
     )
 
     data_dir: str = Field("data/fetch")
@@ -371,8 +419,7 @@ class FinetuneConfig(StrictModel):
     batch_size: int = Field(128, ge=1, le=65536, description="Batch size for feature passes.")
     workers: int = Field(1, ge=0, le=64)
     seed: int = Field(0, ge=0)
-    nproc_per_node: int = Field(1, ge=1, le=64)
-    nnodes: int = Field(1, ge=1, le=4096)
+    distributed: DistributedConfig = _distributed_field()
 
     @field_validator("templates")
     @classmethod
@@ -438,10 +485,11 @@ class EvaluateConfig(StrictModel):
     retrieval_ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
     batch_size: int = Field(256, ge=1, le=65536)
     workers: int = Field(1, ge=0, le=64)
-    nproc_per_node: int = Field(
-        1, ge=1, le=64, description="torchrun processes per node (each scores a shard)."
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="Ranks: each scores a shard of every dataset (accuracies equal one "
+        "process's exactly).",
     )
-    nnodes: int = Field(1, ge=1, le=4096, description="torchrun nodes.")
     register_model: bool = Field(True, description="Register the chosen WiSE-FT model in MLflow.")
     registered_model: str = Field(
         "clipshift-emoji",

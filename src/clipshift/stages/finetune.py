@@ -10,7 +10,6 @@ one feature pass of the frozen tower; for ``cfg.pool``, the end-to-end fine-tune
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 from collections.abc import Sequence
@@ -276,23 +275,3 @@ def run_finetune(
         write_json_atomic(out / "finetune.json", st.summary)
         st.tracker.log_dict(st.summary, "finetune.json")
     return D.broadcast_object(st.summary)
-
-
-# --------------------------------------------------------------------------------------------
-# command line (the entry point torchrun launches on every rank)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="clipshift finetune stage (one rank)")
-    parser.add_argument("--config-json", required=True, help="a FinetuneConfig as JSON")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    cfg = FinetuneConfig.model_validate_json(Path(args.config_json).read_text())
-    return D.run_on_rank(
-        lambda: run_finetune(cfg, progress=not args.no_progress),
-        lambda s: {mid: m.get("val_accuracy") for mid, m in s["models"].items()},
-    )
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

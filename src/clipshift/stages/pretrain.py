@@ -30,7 +30,6 @@ whole global batch and the gradient is that of the full-batch loss.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
@@ -678,28 +677,3 @@ def run_pretrain(
             return trainer.run()
     finally:
         torch.set_num_threads(previous_threads)
-
-
-# --------------------------------------------------------------------------------------------
-# command line (the entry point torchrun launches on every rank)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="clipshift contrastive pretraining (one rank)")
-    parser.add_argument("--config-json", required=True, help="a PretrainConfig as JSON")
-    parser.add_argument("--pool", action="append", help="pool(s) to train; default cfg.pools")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    cfg = PretrainConfig.model_validate_json(Path(args.config_json).read_text())
-    try:
-        for pool in args.pool or cfg.pools:
-            result = run_pretrain(cfg, pool, progress=not args.no_progress)
-            if D.is_main():
-                print({k: v for k, v in result.items() if k != "events"})
-    finally:
-        D.cleanup()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
