@@ -24,8 +24,7 @@ from flows.validate import validate_flow
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(params: PipelineConfig = PipelineConfig(), run_scaling: bool = True) -> dict:
     """fetch → validate → pretrain (each pool) → finetune → interpolate → evaluate → scaling."""
-    client = tracking._client()
-    parent = tracking.pipeline_run_id(client, tracking.experiment_id(client))
+    parent = tracking.open_pipeline_run()
     os.environ["CLIPSHIFT_PIPELINE_RUN_ID"] = parent  # stage runs nest under this one
     try:
         fetch_flow(config=params.fetch)

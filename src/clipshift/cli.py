@@ -42,20 +42,6 @@ def _flow_for(stage: str) -> Callable:
     return getattr(module, f"{stage}_flow")
 
 
-def _warm_up_tracking() -> None:
-    """Import MLflow and open a local store (SQLite schema check, ~1 s) while the temporary
-    Prefect server starts: the stage's run then opens on the cached store. A server store is
-    left alone (its client is cheap, and an outage must fail inside the flow run)."""
-    from clipshift import tracking
-
-    if not tracking._is_local_store(tracking.tracking_uri()):
-        return
-    try:
-        tracking._client().get_experiment_by_name(tracking.EXPERIMENT)
-    except Exception:  # noqa: BLE001 - the stage's own run reports any store problem
-        return
-
-
 def run_stage(stage: str, params_path: str, pool: str | None = None) -> object:
     from clipshift import prefect_server
 
@@ -70,7 +56,9 @@ def run_stage(stage: str, params_path: str, pool: str | None = None) -> object:
         )
     flow = _flow_for(stage)
     if server is not None:
-        _warm_up_tracking()
+        from clipshift import tracking
+
+        tracking.warm_up_local_store()  # while the temporary Prefect server starts
         server.wait_until_ready()
     if stage == "pipeline":
         return flow(params=params)
