@@ -49,7 +49,7 @@ def run_stage(stage: str, params_path: str, pool: str | None = None) -> object:
     from clipshift.config import load_params
 
     params = load_params(params_path)  # the whole file: a typo anywhere fails before any work
-    config = None if stage == "pipeline" else getattr(params, _config_name(stage))
+    config = None if stage == "pipeline" else params.section(stage)
     if stage == "pretrain" and pool is not None and pool not in config.pools:
         raise ClipshiftError(
             f"pool '{pool}' is not in pretrain.pools {config.pools}; add it in params.yaml"
@@ -67,10 +67,6 @@ def run_stage(stage: str, params_path: str, pool: str | None = None) -> object:
     if stage == "scaling":
         return flow(config=config, pretrain=params.pretrain, finetune=params.finetune)
     return flow(config=config)
-
-
-def _config_name(stage: str) -> str:
-    return "validate_" if stage == "validate" else stage
 
 
 def build_parser() -> argparse.ArgumentParser:
