@@ -1,12 +1,12 @@
 """Evaluate flow: accuracy on the test set and every shift, retrieval, effective robustness.
 
-With ``nproc_per_node > 1`` the flow launches the stage under ``torchrun``: each rank scores
-its shard of every dataset, rank 0 writes the metrics, which the flow then logs to MLflow.
+With ``distributed`` asking for several ranks the stage runs under torchrun
+(:func:`clipshift.distributed.run_stage`): each rank scores its shard of every dataset, rank 0
+writes the metrics, and what it logged reaches MLflow when it ends.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import flow
@@ -15,7 +15,7 @@ from clipshift import distributed as D
 from clipshift import tracking
 from clipshift.config import EvaluateConfig
 from clipshift.registry import read_indices
-from clipshift.stages.evaluate import log_summary_metrics, run_evaluate
+from clipshift.stages.evaluate import run_evaluate
 from flows._common import report_table, tracked_stage
 
 
@@ -41,22 +41,11 @@ def register_champion(
     print(f"registered {chosen} as {config.registered_model} v{version} @champion")
 
 
-def launch_torchrun(config: EvaluateConfig, tracker: tracking.MlflowTracker) -> dict:
-    """Evaluate under torchrun, then log rank 0's metrics to this flow's MLflow run."""
-    D.launch_torchrun("clipshift.stages.evaluate", config, ["--no-progress"])
-    summary = json.loads(Path(config.metrics_path).read_text())
-    log_summary_metrics(tracker, summary)
-    return summary
-
-
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(config: EvaluateConfig = EvaluateConfig()) -> dict:
     """Evaluate every model and fit the effective-robustness baseline per shift."""
     with tracked_stage("evaluate", config) as tracker:
-        if D.wants_torchrun(config):
-            summary = launch_torchrun(config, tracker)
-        else:
-            summary = run_evaluate(config, tracker=tracker)
+        summary = D.run_stage(run_evaluate, config, tracker)
         register_champion(tracker, summary, config)
         tracker.log_artifact(config.metrics_path, "metrics")
         if Path(config.plots_dir).exists():

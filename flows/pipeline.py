@@ -11,7 +11,7 @@ import os
 from prefect import flow
 
 from clipshift import tracking
-from clipshift.config import PipelineConfig
+from clipshift.config import PipelineConfig, load_params
 from flows.evaluate import evaluate_flow
 from flows.fetch import fetch_flow
 from flows.finetune import finetune_flow
@@ -22,14 +22,17 @@ from flows.validate import validate_flow
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline_flow(params: PipelineConfig = PipelineConfig(), run_scaling: bool = True) -> dict:
-    """fetch → validate → pretrain (each pool) → finetune → interpolate → evaluate → scaling."""
-    client = tracking._client()
-    parent = tracking.pipeline_run_id(client, tracking.experiment_id(client))
+def pipeline_flow(params: PipelineConfig | None = None, run_scaling: bool = True) -> dict:
+    """fetch → validate → pretrain (each pool) → finetune → interpolate → evaluate → scaling.
+
+    Without `params`, the run reads params.yaml in its working directory (deployments fill
+    them in from params.yaml when deployed)."""
+    params = params if params is not None else load_params("params.yaml")
+    parent = tracking.open_pipeline_run()
     os.environ["CLIPSHIFT_PIPELINE_RUN_ID"] = parent  # stage runs nest under this one
     try:
         fetch_flow(config=params.fetch)
-        validate_flow(config=params.validate_)
+        validate_flow(config=params.section("validate"))
         for pool in params.pretrain.pools:
             pretrain_flow(config=params.pretrain, pool=pool)
         finetune_flow(config=params.finetune)

@@ -118,7 +118,8 @@ def test_finetune_and_evaluate_two_ranks_match_one_process(
     from flows.finetune import finetune_flow
 
     one = run_finetune(finetune_cfg(world, "one/finetune"), progress=False)
-    two = finetune_flow(config=finetune_cfg(world, "two/finetune", nproc_per_node=2))
+    two_ranks = {"nproc_per_node": 2}
+    two = finetune_flow(config=finetune_cfg(world, "two/finetune", distributed=two_ranks))
 
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert set(one["models"]) == set(two["models"])
@@ -138,7 +139,9 @@ def test_finetune_and_evaluate_two_ranks_match_one_process(
 
     models = world / "models" / "one"  # evaluate reads <models_dir>/*/index.json
     single = run_evaluate(evaluate_cfg(world, models, "metrics-one"), progress=False)
-    sharded = evaluate_flow(config=evaluate_cfg(world, models, "metrics-two", nproc_per_node=2))
+    sharded = evaluate_flow(
+        config=evaluate_cfg(world, models, "metrics-two", distributed=two_ranks)
+    )
     assert sharded["world_size"] == 2
     assert sharded["class_subsets"] == {"shift-sub": len(SUBSET)}
     for mid, rec in single["models"].items():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from clipshift.classifier import predict_logits, save_classifier
@@ -26,6 +27,7 @@ from clipshift.registry import ModelEntry, write_index
 from clipshift.stages.evaluate import run_evaluate
 from clipshift.stages.fetch import run_fetch
 from tests.test_finetune import tiny_bundle, zs_classifier
+from tests.tiny import full_params
 
 WNIDS = {
     "n01440764": "tench",
@@ -50,12 +52,13 @@ def image_folder(root: Path, wnids: list[str], per_class: int, ext: str, seed: i
 
 
 def params_yaml(root: Path) -> str:
-    """The README snippet, pointed at the local trees (there: s3:// prefixes and real paths)."""
+    """The repository's params.yaml edited as the README snippet says, pointed at the local
+    trees (there: s3:// prefixes and real paths); the other paths are the defaults, relative
+    to the working directory."""
     class_map = "".join(f"\n      {w}: {n}" for w, n in WNIDS.items())
     text = textwrap.dedent(f"""\
         fetch:
           use_world: false
-          out_dir: {root}/data/fetch
           sources:
           - name: imagenet-r
             uri: {root}/imagenet-r
@@ -73,16 +76,12 @@ def params_yaml(root: Path) -> str:
             format: imagefolder
             class_map: *imagenet_classes
         evaluate:
-          data_dir: {root}/data/fetch
-          models_dir: {root}/models
-          validate_dir: {root}/data/validate
-          metrics_path: {root}/metrics/evaluate.json
-          plots_dir: {root}/plots/evaluate
-          external_baselines: {root}/testbed.csv
+          external_baselines: testbed.csv
           external_mode: replace
           register_model: false
         """)
-    return text.replace(" CLASS_MAP", class_map)
+    snippet = yaml.safe_load(text.replace(" CLASS_MAP", class_map))
+    return yaml.safe_dump(full_params(snippet))
 
 
 def zero_shot_model(models: Path, classes: list[str]):
@@ -104,7 +103,8 @@ def hand_accuracy(clf, dataset: Path, subset: list[str] | None) -> float:
     return float((pred == data.labels).float().mean())
 
 
-def test_imagenet_layout_fetch_and_evaluate_with_subset_mask(tmp_path):
+def test_imagenet_layout_fetch_and_evaluate_with_subset_mask(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     image_folder(tmp_path / "imagenet" / "val", list(WNIDS), 4, "JPEG", seed=0)
     image_folder(tmp_path / "imagenet-r", R_SUBSET, 4, "jpg", seed=1)
     image_folder(tmp_path / "imagenet-sketch", list(WNIDS), 3, "JPEG", seed=2)

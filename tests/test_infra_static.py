@@ -328,34 +328,54 @@ def test_torchrun_job_is_consistent(torchrun_docs):
     spec = job["spec"]
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
-    env = {e["name"]: e["value"] for e in container["env"]}
     pretrain = PretrainConfig.model_validate_json(cfg["data"]["pretrain.json"])
+    dist = pretrain.distributed
 
     assert spec["completionMode"] == "Indexed"
-    nnodes = int(env["NNODES"])
-    assert spec["completions"] == spec["parallelism"] == nnodes == pretrain.nnodes
+    assert spec["completions"] == spec["parallelism"] == dist.nnodes > 1
     gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
     assert gpus == int(container["resources"]["requests"]["nvidia.com/gpu"])
-    assert gpus == int(env["NPROC_PER_NODE"]) == pretrain.nproc_per_node
+    assert gpus == dist.nproc_per_node
     # headless service that gives pod 0 a stable name before it is ready
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
     assert svc["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
     assert pod["subdomain"] == svc["metadata"]["name"]
-    host, port = env["RDZV_ENDPOINT"].split(":")
+    host, port = dist.rdzv_endpoint.split(":")
     assert host == f"{job['metadata']['name']}-0.{svc['metadata']['name']}"
     assert int(port) in {p["port"] for p in svc["spec"]["ports"]}
+    assert int(port) in {p["containerPort"] for p in container["ports"]}
+    # every pod runs clipshift's launcher, which reads the rank counts from pretrain.json
     command = " ".join(container["args"])
-    for piece in (
-        '--nnodes="$NNODES"',
-        '--nproc_per_node="$NPROC_PER_NODE"',
-        '--node_rank="$JOB_COMPLETION_INDEX"',
-        '--rdzv_endpoint="$RDZV_ENDPOINT"',
-        "-m clipshift.stages.pretrain",
-        "--config-json /etc/clipshift/pretrain.json",
-    ):
-        assert piece in command
+    assert command.startswith("exec python -m clipshift.distributed launch pretrain")
+    assert "--config-json /etc/clipshift/pretrain.json" in command
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["config"] == "/etc/clipshift"
+    env = {e["name"] for e in container["env"]}
+    assert not env & {"NNODES", "NPROC_PER_NODE", "RDZV_ENDPOINT"}  # one place for each number
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["config"]["configMap"]["name"] == cfg["metadata"]["name"]
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
     namespaces = {d["metadata"]["namespace"] for d in (job, svc, cfg)}
     assert len(namespaces) == 1
+
+
+def test_launcher_builds_the_multi_node_torchrun_of_the_job(torchrun_docs):
+    """What each pod's launcher runs: torchrun with the Job's numbers and rendezvous."""
+    from clipshift.distributed import torchrun_command
+
+    cfg = torchrun_docs["ConfigMap"]
+    dist = PretrainConfig.model_validate_json(cfg["data"]["pretrain.json"]).distributed
+    cmd = torchrun_command(dist, "clipshift-pretrain-diverse", ["--entry", "x"])
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    for piece in (
+        "--nnodes=2",
+        "--nproc-per-node=8",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=clipshift-pretrain-0.clipshift-pretrain:29400",
+        "--rdzv-id=clipshift-pretrain-diverse",
+    ):
+        assert piece in cmd
+    assert "--standalone" not in cmd
+    assert cmd[-5:] == ["-m", "clipshift.distributed", "rank", "--entry", "x"]
+    one_node = torchrun_command(dist.model_copy(update={"nnodes": 1}), "id", [])
+    assert "--standalone" in one_node and not any("rdzv" in c for c in one_node)

@@ -19,7 +19,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.tiny import ART_CACHE, TINY_WORLD
+from tests.tiny import ART_CACHE, TINY_WORLD, full_params
 
 DECIDE = (
     "from clipshift import prefect_server as p; "
@@ -110,7 +110,7 @@ def prefect_rows(db: Path, sql: str) -> list[tuple]:
 
 @pytest.mark.slow
 def test_stage_command_runs_its_flow_on_the_early_server(tmp_path):
-    params = {"fetch": {"world": dict(TINY_WORLD), "cache_dir": str(ART_CACHE)}}
+    params = full_params({"fetch": {"world": dict(TINY_WORLD), "cache_dir": str(ART_CACHE)}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     done = subprocess.run(
         ["clipshift", "fetch"],

@@ -23,6 +23,7 @@ import yaml
 
 from clipshift.models import tiny_vit_config
 from tests.test_loaders import build_pool
+from tests.tiny import full_params
 
 pytestmark = pytest.mark.slow
 MODEL = "clipshift-test-secret-w32"
@@ -65,11 +66,9 @@ def prefect_api_text() -> str:
 
 
 def write_params(root: Path) -> None:
-    build_pool(root, n=32, name="pool-toy")
+    build_pool(root / "data" / "fetch", n=32, name="pool-toy")  # where fetch would put it
     (root / f"{MODEL}.json").write_text(json.dumps(tiny_vit_config(32, 1, patch_size=8)))
     pretrain = {
-        "data_dir": ".",
-        "out_dir": "models/pretrain",
         "pools": ["toy"],
         "model": f"{MODEL}.json",
         "batch_size": 16,
@@ -77,9 +76,12 @@ def write_params(root: Path) -> None:
         "warmup_steps": 1,
         "log_every": 1,
         "workers": 0,
-        "nproc_per_node": 2,
+        "distributed": {"nproc_per_node": 2},
     }
-    (root / "params.yaml").write_text(yaml.safe_dump({"pretrain": pretrain}))
+    # the pool is put in place above: fetch (not run here) builds none
+    fetch = {"use_world": False, "sources": []}
+    params = full_params({"fetch": fetch, "pretrain": pretrain, "finetune": {"pool": "toy"}})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
 def test_environment_secrets_leak_nowhere(tmp_path, mlflow_store, prefect_harness):

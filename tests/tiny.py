@@ -21,41 +21,65 @@ TINY_WORLD: dict[str, Any] = {
 }
 
 
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in key by key (mappings merge, anything else replaces)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def full_params(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The repository's params.yaml with ``overrides`` merged in: a params file lists every
+    section (clipshift.config.PipelineConfig), as a user's edited copy would."""
+    import yaml
+
+    return merged(yaml.safe_load(REPO_PARAMS.read_text()), overrides or {})
+
+
 def tiny_params() -> dict[str, Any]:
     """A params.yaml for a whole-pipeline run in a couple of minutes on 2 cores."""
-    return {
-        "fetch": {"world": dict(TINY_WORLD)},
-        "pretrain": {
-            "model": "clipshift-vit-micro",
-            "samples": 256,
-            "batch_size": 32,
-            "warmup_steps": 2,
-            "log_every": 2,
-            "checkpoint_every": 4,
-            "workers": 0,
-        },
-        "finetune": {
-            "e2e_epochs": 1,
-            "e2e_batch_size": 16,
-            "e2e_lr": 3e-4,
-            "soup_lrs": [1e-4],
-            "linear_epochs": 20,
-            "knn_k": 3,
-            "baselines": [
-                {"width": 32, "layers": 1, "epochs": e, "fraction": f}
-                for e, f in [(1, 0.5), (2, 1.0), (4, 1.0)]
-            ],
-        },
-        "scaling": {
-            "grid": [
-                {"width": 32, "layers": 1, "samples": 64},
-                {"width": 32, "layers": 1, "samples": 128},
-                {"width": 64, "layers": 1, "samples": 128},
-            ],
-            "bootstrap": 20,
-            "batch_size": 32,
-        },
-    }
+    return full_params(
+        {
+            "fetch": {"world": dict(TINY_WORLD)},
+            "pretrain": {
+                "model": "clipshift-vit-micro",
+                "samples": 256,
+                "batch_size": 32,
+                "warmup_steps": 2,
+                "log_every": 2,
+                "checkpoint_every": 4,
+                "workers": 0,
+            },
+            "finetune": {
+                "e2e_epochs": 1,
+                "e2e_batch_size": 16,
+                "e2e_lr": 3e-4,
+                "soup_lrs": [1e-4],
+                "linear_epochs": 20,
+                "knn_k": 3,
+                "baselines": [
+                    {"width": 32, "layers": 1, "epochs": e, "fraction": f}
+                    for e, f in [(1, 0.5), (2, 1.0), (4, 1.0)]
+                ],
+            },
+            "scaling": {
+                "grid": [
+                    {"width": 32, "layers": 1, "samples": 64},
+                    {"width": 32, "layers": 1, "samples": 128},
+                    {"width": 64, "layers": 1, "samples": 128},
+                ],
+                "bootstrap": 20,
+                "batch_size": 32,
+            },
+        }
+    )
 
 
 def tree_hash(root: Path) -> str:

@@ -42,20 +42,6 @@ def _flow_for(stage: str) -> Callable:
     return getattr(module, f"{stage}_flow")
 
 
-def _warm_up_tracking() -> None:
-    """Import MLflow and open a local store (SQLite schema check, ~1 s) while the temporary
-    Prefect server starts: the stage's run then opens on the cached store. A server store is
-    left alone (its client is cheap, and an outage must fail inside the flow run)."""
-    from clipshift import tracking
-
-    if not tracking._is_local_store(tracking.tracking_uri()):
-        return
-    try:
-        tracking._client().get_experiment_by_name(tracking.EXPERIMENT)
-    except Exception:  # noqa: BLE001 - the stage's own run reports any store problem
-        return
-
-
 def run_stage(stage: str, params_path: str, pool: str | None = None) -> object:
     from clipshift import prefect_server
 
@@ -63,14 +49,16 @@ def run_stage(stage: str, params_path: str, pool: str | None = None) -> object:
     from clipshift.config import load_params
 
     params = load_params(params_path)  # the whole file: a typo anywhere fails before any work
-    config = None if stage == "pipeline" else getattr(params, _config_name(stage))
+    config = None if stage == "pipeline" else params.section(stage)
     if stage == "pretrain" and pool is not None and pool not in config.pools:
         raise ClipshiftError(
             f"pool '{pool}' is not in pretrain.pools {config.pools}; add it in params.yaml"
         )
     flow = _flow_for(stage)
     if server is not None:
-        _warm_up_tracking()
+        from clipshift import tracking
+
+        tracking.warm_up_local_store()  # while the temporary Prefect server starts
         server.wait_until_ready()
     if stage == "pipeline":
         return flow(params=params)
@@ -79,10 +67,6 @@ def run_stage(stage: str, params_path: str, pool: str | None = None) -> object:
     if stage == "scaling":
         return flow(config=config, pretrain=params.pretrain, finetune=params.finetune)
     return flow(config=config)
-
-
-def _config_name(stage: str) -> str:
-    return "validate_" if stage == "validate" else stage
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,8 +8,9 @@ that names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -173,6 +174,15 @@ class SourceConfig(StrictModel):
     max_samples: int | None = Field(None, ge=1, description="Stop after this many samples.")
 
 
+WORLD_POOLS = ("diverse", "narrow")  # the built-in world's pretraining pools (pool-<name>)
+
+
+def world_dataset_names(world: WorldConfig) -> list[str]:
+    """The datasets the built-in world writes (clipshift.data.world.build)."""
+    shifts = [f"shift-{style}" for style in world.shift_styles]
+    return ["train", "val", "test", *shifts, *(f"pool-{p}" for p in WORLD_POOLS), "retrieval"]
+
+
 class FetchConfig(StrictModel):
     seed: int = Field(0, ge=0, description="Seed of every random choice in the world.")
     world: WorldConfig = Field(default_factory=WorldConfig)
@@ -180,6 +190,22 @@ class FetchConfig(StrictModel):
     sources: list[SourceConfig] = Field(default_factory=list, description="Extra data sources.")
     out_dir: str = Field("data/fetch", description="Where datasets and the manifest go.")
     cache_dir: str = Field(".cache/clipshift", description="Downloads and art caches.")
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> FetchConfig:
+        names = [s.name for s in self.sources]
+        world = set(world_dataset_names(self.world)) if self.use_world else set()
+        problems = []
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"listed twice: {twice}")
+        if taken := sorted(set(names) & world):
+            problems.append(f"built by the world too: {taken} (or set fetch.use_world: false)")
+        if problems:
+            raise ValueError(
+                "fetch.sources names must be unique and differ from the built-in world's "
+                "datasets; rename the sources " + "; ".join(problems)
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,6 +239,54 @@ class ValidateConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------------------------
+# distributed: how many processes run pretrain, finetune and evaluate
+
+
+class DistributedConfig(StrictModel):
+    """The ranks of a stage: ``nproc_per_node`` processes on each of ``nnodes`` nodes, started by
+    torchrun (:func:`clipshift.distributed.launch`). One rank runs in-process, without torchrun.
+    """
+
+    nproc_per_node: int = Field(
+        1, ge=1, le=64, description="Ranks per node: one per GPU (on CPU they share the cores)."
+    )
+    nnodes: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Nodes. Above 1, every node runs `python -m clipshift.distributed launch` "
+        "with the same settings (infra/k8s/torchrun-job.yaml does) and they meet at "
+        "rdzv_endpoint.",
+    )
+    rdzv_endpoint: str | None = Field(
+        None,
+        pattern=r"^\S+:\d{1,5}$",
+        description="host:port of the c10d rendezvous, reachable from every node (node 0 hosts "
+        "it); needed when nnodes > 1.",
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @model_validator(mode="after")
+    def _endpoint_for_nodes(self) -> DistributedConfig:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(
+                f"nnodes={self.nnodes} needs rdzv_endpoint: the host:port every node reaches "
+                "for the c10d rendezvous (e.g. node0.example:29400); or set nnodes: 1"
+            )
+        return self
+
+
+def _distributed_field() -> Any:
+    return Field(
+        default_factory=DistributedConfig,
+        description="Ranks: nproc_per_node × nnodes processes under torchrun (1: in-process).",
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # pretrain
 
 
@@ -237,8 +311,7 @@ class TrainLoopConfig(StrictModel):
         100, ge=1, description="Write a resumable checkpoint every N steps."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
-    nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes per node.")
-    nnodes: int = Field(1, ge=1, le=4096, description="torchrun nodes.")
+    distributed: DistributedConfig = _distributed_field()
     seed: int = Field(0, ge=0)
 
 
@@ -246,12 +319,13 @@ class PretrainConfig(TrainLoopConfig):
     # Settings that cannot change the trained weights (clipshift.training_spec): logging,
     # paths and the list of pools (each pool is its own run). Others enter the training spec
     # resolved: model → its architecture, init_checkpoint → the file's sha256, device/loader →
-    # what 'auto' chose, nproc_per_node × nnodes → the world size; workers counts only for the
-    # streaming loader, whose sample order depends on it. checkpoint_every stays in: the spike
-    # guard rolls back to the last checkpoint, so it can change the weights.
+    # what 'auto' chose, distributed → the world size (nproc_per_node × nnodes, as the ranks
+    # see it); workers counts only for the streaming loader, whose sample order depends on it.
+    # checkpoint_every stays in: the spike guard rolls back to the last checkpoint, so it can
+    # change the weights.
     RESULT_NEUTRAL: ClassVar[frozenset[str]] = frozenset(
         {"log_every", "data_dir", "out_dir", "pools", "model", "init_checkpoint", "device",
-         "loader", "nproc_per_node", "nnodes", "workers"}
+         "loader", "distributed", "workers"}
     )  # fmt: skip
 
     data_dir: str = Field("data/fetch", description="Output of fetch (the pools live here).")
@@ -334,7 +408,7 @@ class FinetuneConfig(StrictModel):
     # Paths and worker counts cannot change the models (clipshift.training_spec); the ranks
     # enter the training spec as the world size, the pretrained models as their sha256.
     RESULT_NEUTRAL: ClassVar[frozenset[str]] = frozenset(
-        {"data_dir", "pretrain_dir", "out_dir", "workers", "nproc_per_node", "nnodes"}
+        {"data_dir", "pretrain_dir", "out_dir", "workers", "distributed"}
     )
 
     data_dir: str = Field("data/fetch")
@@ -371,8 +445,7 @@ class FinetuneConfig(StrictModel):
     batch_size: int = Field(128, ge=1, le=65536, description="Batch size for feature passes.")
     workers: int = Field(1, ge=0, le=64)
     seed: int = Field(0, ge=0)
-    nproc_per_node: int = Field(1, ge=1, le=64)
-    nnodes: int = Field(1, ge=1, le=4096)
+    distributed: DistributedConfig = _distributed_field()
 
     @field_validator("templates")
     @classmethod
@@ -438,10 +511,11 @@ class EvaluateConfig(StrictModel):
     retrieval_ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
     batch_size: int = Field(256, ge=1, le=65536)
     workers: int = Field(1, ge=0, le=64)
-    nproc_per_node: int = Field(
-        1, ge=1, le=64, description="torchrun processes per node (each scores a shard)."
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="Ranks: each scores a shard of every dataset (accuracies equal one "
+        "process's exactly).",
     )
-    nnodes: int = Field(1, ge=1, le=4096, description="torchrun nodes.")
     register_model: bool = Field(True, description="Register the chosen WiSE-FT model in MLflow.")
     registered_model: str = Field(
         "clipshift-emoji",
@@ -501,41 +575,181 @@ class ScalingConfig(StrictModel):
 # --------------------------------------------------------------------------------------------
 # the whole of params.yaml
 
-M = TypeVar("M", bound=BaseModel)
-
 
 class PipelineConfig(StrictModel):
-    fetch: FetchConfig = Field(default_factory=FetchConfig)
-    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    interpolate: InterpolateConfig = Field(default_factory=InterpolateConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    """params.yaml. Every section is required: a stage never runs on class defaults that the
+    file does not show. The sections must also agree with each other (where one stage reads
+    what another writes, which pools exist, how batches split): :func:`cross_section_problems`.
+    """
+
+    fetch: FetchConfig
+    validate_: ValidateConfig = Field(alias="validate")  # `validate` is a BaseModel method
+    pretrain: PretrainConfig
+    finetune: FinetuneConfig
+    interpolate: InterpolateConfig
+    evaluate: EvaluateConfig
+    scaling: ScalingConfig
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
+    def section(self, name: str) -> BaseModel:
+        """The section ``name`` as params.yaml spells it (``validate``, not ``validate_``)."""
+        if name not in _FIELD_OF:
+            raise ConfigError(f"params.yaml has no section '{name}'; it has {list(SECTIONS)}")
+        return getattr(self, _FIELD_OF[name])
 
+    def value(self, key: str) -> Any:
+        """The setting at dotted ``key`` of params.yaml, e.g. ``"validate.data_dir"``."""
+        section, *path = key.split(".")
+        value: Any = self.section(section)
+        for name in path:
+            value = getattr(value, name)
+        return value
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> PipelineConfig:
+        problems = cross_section_problems(self)
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+
+# params.yaml's name of each section → its field (they differ for `validate` only) and model
+_FIELD_OF = {f.alias or name: name for name, f in PipelineConfig.model_fields.items()}
 SECTIONS: dict[str, type[BaseModel]] = {
-    "fetch": FetchConfig,
-    "validate": ValidateConfig,
-    "pretrain": PretrainConfig,
-    "finetune": FinetuneConfig,
-    "interpolate": InterpolateConfig,
-    "evaluate": EvaluateConfig,
-    "scaling": ScalingConfig,
+    f.alias or name: f.annotation for name, f in PipelineConfig.model_fields.items()
 }
 
 
-def format_validation_error(err: ValidationError, root: str = "") -> str:
+# (key of a folder a stage reads, key of the folder an earlier stage writes it to)
+READS_WHAT_WRITES = [
+    ("validate.data_dir", "fetch.out_dir"),
+    ("pretrain.data_dir", "fetch.out_dir"),
+    ("finetune.data_dir", "fetch.out_dir"),
+    ("finetune.pretrain_dir", "pretrain.out_dir"),
+    ("interpolate.data_dir", "fetch.out_dir"),
+    ("interpolate.finetune_dir", "finetune.out_dir"),
+    ("evaluate.data_dir", "fetch.out_dir"),
+    ("evaluate.validate_dir", "validate.out_dir"),
+    ("scaling.data_dir", "fetch.out_dir"),
+    ("scaling.validate_dir", "validate.out_dir"),
+]
+
+
+def fetched_pools(fetch: FetchConfig) -> set[str]:
+    """The pools fetch writes as ``<out_dir>/pool-<name>``: the built-in world's two and every
+    source named ``pool-<name>``."""
+    pools = set(WORLD_POOLS) if fetch.use_world else set()
+    return pools | {
+        s.name.removeprefix("pool-") for s in fetch.sources if s.name.startswith("pool-")
+    }
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.normpath(a) == os.path.normpath(b)
+
+
+def cross_section_problems(p: PipelineConfig) -> list[str]:
+    """What makes the sections disagree, one line per problem naming both keys and the fix;
+    each would otherwise fail only when the later stage runs, after the earlier ones."""
+    problems = []
+    for reader, writer in READS_WHAT_WRITES:
+        path, written = p.value(reader), p.value(writer)
+        if not _same_path(path, written):
+            problems.append(
+                f"{reader} = '{path}' but {writer} = '{written}': {reader.split('.')[0]} reads "
+                f"what {writer.split('.')[0]} writes; set {reader} to '{written}' (or move both)"
+            )
+    models = p.evaluate.models_dir
+    for key, out in (("finetune.out_dir", p.finetune.out_dir),
+                     ("interpolate.out_dir", p.interpolate.out_dir)):  # fmt: skip
+        if not _same_path(os.path.dirname(os.path.normpath(out)) or ".", models):
+            problems.append(
+                f"{key} = '{out}' is not a folder directly under evaluate.models_dir = '{models}' "
+                f"(evaluate reads <models_dir>/*/index.json); set {key} to "
+                f"'{os.path.join(models, os.path.basename(os.path.normpath(out)))}' or "
+                "evaluate.models_dir to its parent"
+            )
+    # pools: finetune adapts a model pretrain trained; pretrain and scaling read fetch's pools
+    if p.finetune.pool not in p.pretrain.pools:
+        problems.append(
+            f"finetune.pool = '{p.finetune.pool}' is not in pretrain.pools {p.pretrain.pools}: "
+            "finetune adapts a model that pretrain trains; set finetune.pool to one of them or "
+            f"add '{p.finetune.pool}' to pretrain.pools"
+        )
+    built = fetched_pools(p.fetch)
+    # Without any pool, fetch serves evaluation only (README: 'Evaluating on ImageNet'); the
+    # pretraining stages then fail when run, naming the missing pool.
+    if built:
+        for key, listed in (
+            ("pretrain.pools", p.pretrain.pools),
+            ("scaling.pools", p.scaling.pools),
+        ):
+            missing = [pool for pool in listed if pool not in built]
+            if missing:
+                problems.append(
+                    f"{key} lists {missing}, which fetch does not build (fetch.use_world: "
+                    f"{str(p.fetch.use_world).lower()}, fetch.sources named pool-<name>: pools "
+                    f"{sorted(built)}); remove them from {key} or add a fetch.sources entry "
+                    f"named 'pool-{missing[0]}' (role: pool)"
+                )
+    # batches: every rank takes equal micro-batches of the global batch
+    pre = p.pretrain
+    ranks = pre.distributed.world_size
+    if pre.batch_size % (pre.accum_steps * ranks):
+        problems.append(
+            f"pretrain.batch_size = {pre.batch_size} does not split into pretrain.accum_steps "
+            f"({pre.accum_steps}) × pretrain.distributed ranks ({ranks} = nproc_per_node × "
+            f"nnodes) equal micro-batches; use a batch_size divisible by {pre.accum_steps * ranks}"
+        )
+    if p.scaling.batch_size % pre.accum_steps:
+        problems.append(
+            f"scaling.batch_size = {p.scaling.batch_size} does not split into "
+            f"pretrain.accum_steps ({pre.accum_steps}) micro-batches (scaling runs take "
+            "pretrain's loop settings); make it divisible or change pretrain.accum_steps"
+        )
+    if pre.samples < pre.batch_size:
+        problems.append(
+            f"pretrain.samples = {pre.samples} is less than one batch (pretrain.batch_size = "
+            f"{pre.batch_size}); raise samples or lower batch_size"
+        )
+    short = [r.samples for r in p.scaling.grid if r.samples < p.scaling.batch_size]
+    if short:
+        problems.append(
+            f"scaling.grid has runs of {short} samples, less than one batch (scaling.batch_size"
+            f" = {p.scaling.batch_size}); raise their samples or lower scaling.batch_size"
+        )
+    return problems
+
+
+# keys that moved, so that an older params.yaml is told where they went
+MOVED = {"nproc_per_node": "distributed.nproc_per_node", "nnodes": "distributed.nnodes"}
+
+
+def format_validation_error(err: ValidationError) -> str:
     """One line per problem: the dotted key, the value given, and what is allowed."""
+    section_of = {field: name for name, field in _FIELD_OF.items()}
     lines = []
     for problem in err.errors():
         parts = [str(p) for p in problem["loc"]]
-        parts = ["validate" if p == "validate_" else p for p in parts]
-        key = ".".join([root, *parts] if root else parts)
-        if problem["type"] == "extra_forbidden":
+        if parts:
+            parts[0] = section_of.get(parts[0], parts[0])
+        key = ".".join(parts)
+        if problem["type"] == "extra_forbidden" and parts[-1] in MOVED:
+            moved = ".".join([*parts[:-1], MOVED[parts[-1]]])
+            lines.append(f"'{key}' has moved: it is '{moved}' now")
+        elif problem["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}' (remove it or check its spelling)")
+        elif problem["type"] == "missing":
+            where = "section" if len(parts) == 1 else "key"
+            lines.append(
+                f"missing {where} '{key}': params.yaml lists every setting a stage uses (see "
+                "the repository's params.yaml)"
+            )
+        elif not parts:  # a check across sections: its message names the keys
+            lines.append(problem["msg"].removeprefix("Value error, "))
+        elif isinstance(problem.get("input"), dict):  # a check across a section's keys
+            lines.append(f"'{key}': {problem['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"'{key}' = {problem.get('input')!r}: {problem['msg']}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
@@ -554,21 +768,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_section(model: type[M], data: dict[str, Any] | None, key: str) -> M:
-    """Validate one params.yaml section, turning pydantic's error into a ConfigError."""
-    try:
-        return model.model_validate(data or {})
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, key)) from None
-
-
 def load_params(path: str | Path = "params.yaml") -> PipelineConfig:
     """Validate the whole file at once, so a typo in any stage fails before the first one runs."""
     try:
         return PipelineConfig.model_validate(load_yaml(path))
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
-
-
-def load_section(key: str, path: str | Path = "params.yaml") -> BaseModel:
-    return getattr(load_params(path), "validate_" if key == "validate" else key)

@@ -143,9 +143,11 @@ def default_parameters(entrypoint: str, params: Any) -> dict[str, Any]:
     stage = _stage_of(entrypoint)
     if stage == PIPELINE_ENTRY:
         return {"params": params.model_dump(mode="json", by_alias=True)}
-    section = getattr(params, "validate_" if stage == "validate" else stage, None)
-    if section is None:
+    from clipshift.config import SECTIONS
+
+    if stage not in SECTIONS:
         return {}
+    section = params.section(stage)
     values: dict[str, Any] = {"config": section.model_dump(mode="json")}
     if stage == "pretrain":
         values["pool"] = section.pools[0]

@@ -7,18 +7,25 @@ WORLD_SIZE, MASTER_ADDR/PORT); the backend is gloo on CPU and nccl on CUDA.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from clipshift.errors import ConfigError
+
+if TYPE_CHECKING:
+    from clipshift.config import DistributedConfig
 
 
 @dataclass(frozen=True)
@@ -140,82 +147,195 @@ def shard_range(n: int, batch_size: int, rank: int | None = None, world: int | N
     return range(min(lo * batch_size, n), min(hi * batch_size, n))
 
 
-def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    """Every rank's tensor concatenated along dim 0, in rank order (CPU)."""
-    parts = all_gather_object(tensor.detach().cpu())
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-
 # --------------------------------------------------------------------------------------------
-# launching: what a flow does when its stage config asks for more than one process
+# launching: one launcher per node, one entry on every rank, for every stage that runs on ranks
+
+# A stage's function every rank calls, by name: every stage imports this module, so it must not
+# import them (and the flows pass the function itself to run_stage).
+STAGE_ENTRIES = {
+    "pretrain": "clipshift.stages.pretrain:run_pretrain",
+    "finetune": "clipshift.stages.finetune:run_finetune",
+    "evaluate": "clipshift.stages.evaluate:run_evaluate",
+}
+# How long the nodes' launchers wait for each other at the rendezvous (pods start unevenly).
+RDZV_JOIN_TIMEOUT_S = 900
 
 
 def wants_torchrun(config: Any) -> bool:
-    """True when ``config`` asks for several processes and we are not already a rank."""
-    return config.nproc_per_node * config.nnodes > 1 and "RANK" not in os.environ
+    """True when ``config`` (a section with ``distributed``) asks for more than one rank and
+    this process is not already one."""
+    return config.distributed.world_size > 1 and "RANK" not in os.environ
 
 
-def torchrun_command(
-    module: str, config_json: str | os.PathLike, nproc_per_node: int, nnodes: int = 1
-) -> list[str]:
-    """``torchrun … -m <module> --config-json <file>`` for nproc_per_node × nnodes ranks."""
-    return [
-        "torchrun",
-        f"--nproc_per_node={nproc_per_node}",
-        f"--nnodes={nnodes}",
-        "-m",
-        module,
-        "--config-json",
-        str(config_json),
-    ]
+def torchrun_command(dist: DistributedConfig, rdzv_id: str, rank_args: list[str]) -> list[str]:
+    """This node's ``torchrun``, starting ``python -m clipshift.distributed rank <rank_args>`` on
+    ``dist.nproc_per_node`` ranks. One node: a standalone rendezvous on a free local port (two
+    runs at once cannot clash). Several: a c10d rendezvous at ``dist.rdzv_endpoint``, where
+    every node's launcher meets the others (the endpoint's host runs the store) and torchrun
+    assigns the global ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run",
+           f"--nproc-per-node={dist.nproc_per_node}", f"--nnodes={dist.nnodes}"]  # fmt: skip
+    if dist.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={dist.rdzv_endpoint}",
+            f"--rdzv-id={rdzv_id}",
+            f"--rdzv-conf=join_timeout={RDZV_JOIN_TIMEOUT_S}",
+        ]
+    return [*cmd, "--max-restarts=0", "-m", "clipshift.distributed", "rank", *rank_args]
 
 
-def launch_torchrun(module: str, config: Any, extra_args: list[str] | None = None) -> None:
-    """Run ``python -m <module>`` under torchrun on this node with ``config`` (a pydantic
-    model with nproc_per_node/nnodes) passed as a JSON file; raise if any rank fails.
+def run_stage(entry: Callable[..., Any], config: Any, tracker: Any = None, **kwargs: Any) -> Any:
+    """``entry(config, tracker=tracker, **kwargs)`` (a stage's run function): in this process
+    when ``config.distributed`` asks for one rank, else on ranks under torchrun (:func:`launch`).
+    Either way the result and what ``tracker`` receives are the same."""
+    if wants_torchrun(config):
+        return launch(entry, config, tracker, **kwargs)
+    return entry(config, tracker=tracker, **kwargs)
 
-    The environment is passed through as it is (credentials reach the ranks the same way they
-    reach this process) and never written into the config file or the command line.
-    """
+
+def launch(entry: Callable[..., Any], config: Any, tracker: Any = None, **kwargs: Any) -> Any:
+    """Run ``entry(config, **kwargs)`` on every rank: this node's ``nproc_per_node`` ranks under
+    torchrun, joined by the other nodes' launchers when ``nnodes > 1`` (each runs the same
+    launch). Returns rank 0's result on every node, and logs into ``tracker`` what rank 0
+    logged, once the ranks end (MLflow then holds what a run in one process gives it).
+
+    ``kwargs`` must be JSON values. The config reaches the ranks as a file; the environment is
+    passed through as it is (credentials reach the ranks as they reach this process) and never
+    written into the file or the command line."""
     from clipshift.errors import ClipshiftError
+    from clipshift.tracking_api import replay
 
-    stage = module.rsplit(".", 1)[-1]
-    if config.nnodes > 1:
-        raise ClipshiftError(
-            f"{stage}.nnodes={config.nnodes}: multi-node runs need one launcher per node; "
-            "start them with infra/k8s/torchrun-job.yaml (or torchrun --rdzv-endpoint on each "
-            "node), or set nnodes: 1"
-        )
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        fh.write(config.model_dump_json())
-    try:
-        cmd = torchrun_command(module, fh.name, config.nproc_per_node, config.nnodes)
-        proc = subprocess.run([*cmd, *(extra_args or [])], env=os.environ.copy(), check=False)
-    finally:
-        os.unlink(fh.name)
-    if proc.returncode != 0:
-        raise ClipshiftError(
-            f"torchrun {stage} failed (exit {proc.returncode}); the ranks' errors are above"
-        )
+    stage = entry.__module__.rsplit(".", 1)[-1]
+    dist = config.distributed
+    rdzv_id = re.sub(
+        r"[^A-Za-z0-9_-]+", "-", "-".join(["clipshift", stage, *map(str, kwargs.values())])
+    )
+    with tempfile.TemporaryDirectory(prefix="clipshift-ranks-") as tmp:
+        config_json, result_json = Path(tmp) / "config.json", Path(tmp) / "result.json"
+        config_json.write_text(config.model_dump_json())
+        rank_args = [
+            "--entry", f"{entry.__module__}:{entry.__qualname__}",
+            "--config-class", f"{type(config).__module__}:{type(config).__qualname__}",
+            "--config-json", str(config_json),
+            "--result-json", str(result_json),
+            "--kwargs", json.dumps(kwargs),
+        ]  # fmt: skip
+        cmd = torchrun_command(dist, rdzv_id, rank_args)
+        proc = subprocess.run(cmd, env=os.environ.copy(), check=False)
+        if proc.returncode != 0 or not result_json.exists():
+            nodes = (
+                f"; with nnodes={dist.nnodes} every node runs this launch with the same settings "
+                f"(python -m clipshift.distributed launch {stage} ...), meeting at "
+                f"{dist.rdzv_endpoint}"
+                if dist.nnodes > 1
+                else ""
+            )
+            raise ClipshiftError(
+                f"torchrun {stage} failed (exit {proc.returncode}); the ranks' errors are above"
+                + nodes
+            )
+        payload = json.loads(result_json.read_text())
+    if tracker is not None:
+        replay(payload["tracked"], tracker)
+    return payload["result"]
 
 
-def run_on_rank(run: Callable[[], Any], report: Callable[[Any], Any]) -> int:
-    """The body of a stage's torchrun entry point, the same on every rank: join the group,
-    split the cores between the local ranks, ``run()``, and print ``report(result)`` on rank 0.
-    The thread count and the process group are restored and left whatever happens."""
-    import torch
-
+def run_on_rank(
+    run: Callable[[Any], Any], device: str = "auto", result_json: str | None = None
+) -> Any:
+    """The body of every rank: join the group, split the cores between the local ranks,
+    ``run(tracker)`` with a recording tracker, then hand rank 0's result and recording to every
+    node's launcher (local rank 0 writes them to ``result_json``). The thread count and the
+    process group are restored and left whatever happens."""
     from clipshift import train_utils as T
+    from clipshift.tracking_api import RecordingTracker
 
     previous_threads = torch.get_num_threads()
     try:
-        dist = init_distributed("auto")
-        if dist.device.type == "cpu":
-            T.set_threads(dist.local_world_size)  # ranks share the cores, not oversubscribe
-        result = run()
-        if dist.is_main:
-            print(report(result))
+        info = init_distributed(device)
+        if info.device.type == "cpu":
+            T.set_threads(info.local_world_size)  # ranks share the cores, not oversubscribe
+        recorder = RecordingTracker()
+        result = run(recorder)
+        mine = {"result": result, "tracked": recorder.dump()} if info.is_main else None
+        payload = broadcast_object(mine)  # rank 0's, on every node
+        if result_json and info.local_rank == 0:
+            text = json.dumps(payload, default=str)
+            Path(result_json).write_text(text)
+        return payload["result"]
     finally:
         torch.set_num_threads(previous_threads)
         cleanup()
+
+
+def _named(target: str) -> Any:
+    """The object ``"package.module:qualname"`` names."""
+    import importlib
+
+    module, _, name = target.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m clipshift.distributed launch <stage> --config-json <section.json>``: this
+    node's launcher (run it on every node when nnodes > 1); ``… rank …`` is what torchrun starts
+    on every rank."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m clipshift.distributed", description=main.__doc__
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    node = sub.add_parser("launch", help="start this node's ranks of a stage")
+    node.add_argument("stage", choices=sorted(STAGE_ENTRIES))
+    node.add_argument("--config-json", required=True, help="the stage's params.yaml section")
+    node.add_argument("--pool", help="pretrain: this pool (default: every pretrain.pools)")
+    rank = sub.add_parser("rank", help="one rank (what torchrun starts; not by hand)")
+    for flag in ("--entry", "--config-class", "--config-json", "--result-json", "--kwargs"):
+        rank.add_argument(flag, required=flag != "--result-json")
+    args = parser.parse_args(argv)
+
+    if args.command == "rank":
+        config = _named(args.config_class).model_validate_json(Path(args.config_json).read_text())
+        entry, kwargs = _named(args.entry), json.loads(args.kwargs)
+        run_on_rank(
+            lambda tracker: entry(config, tracker=tracker, progress=False, **kwargs),
+            getattr(config, "device", "auto"),
+            args.result_json,
+        )
+        return 0
+
+    from pydantic import ValidationError
+
+    from clipshift.config import SECTIONS
+    from clipshift.errors import ClipshiftError
+
+    entry = _named(STAGE_ENTRIES[args.stage])
+    try:
+        text = Path(args.config_json).read_text()
+        config = SECTIONS[args.stage].model_validate_json(text)
+    except (OSError, ValidationError) as err:
+        print(f"clipshift.distributed: {args.config_json}: {err}", file=sys.stderr)
+        return 2
+    runs: list[dict[str, Any]] = [{}]
+    if args.stage == "pretrain":
+        runs = [{"pool": pool} for pool in ([args.pool] if args.pool else config.pools)]
+    try:
+        for kwargs in runs:
+            print(json.dumps(launch(entry, config, **kwargs), default=str, indent=2))
+    except ClipshiftError as err:
+        print(f"clipshift.distributed: error: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+if __name__ == "__main__":
+    from clipshift.distributed import main as _main  # the imported module (the stages' copy)
+
+    raise SystemExit(_main())

@@ -234,11 +234,30 @@ class MlflowTracker:
         return child_run(self, name, tags)
 
 
-def _client() -> Any:
+def mlflow_client() -> Any:
+    """An MlflowClient of the tracking store: MLFLOW_TRACKING_URI, else the local SQLite one."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow.MlflowClient()
+
+
+def warm_up_local_store() -> None:
+    """Import MLflow and open a local store (its SQLite schema check takes ~1 s), so that a
+    stage started meanwhile opens its run on the cached store. A server store is left alone: its
+    client is cheap, and an outage must fail inside the stage's run, where it is reported."""
+    if not _is_local_store(tracking_uri()):
+        return
+    try:
+        mlflow_client().get_experiment_by_name(EXPERIMENT)
+    except Exception:  # noqa: BLE001 - the stage's own run reports any store problem
+        return
+
+
+def open_pipeline_run(params_path: str | Path = "params.yaml") -> str:
+    """The id of this pipeline's parent run (see :func:`pipeline_run_id`), created if needed."""
+    client = mlflow_client()
+    return pipeline_run_id(client, experiment_id(client), params_path)
 
 
 def experiment_id(client: Any, name: str = EXPERIMENT) -> str:
@@ -296,7 +315,7 @@ def stage_run(
     extra_tags: dict[str, str] | None = None,
 ) -> Iterator[MlflowTracker]:
     """A child run of the pipeline run for one stage; FAILED if the body raises."""
-    client = _client()
+    client = mlflow_client()
     exp_id = experiment_id(client)
     parent = parent_run_id or pipeline_run_id(client, exp_id)
     tags = {"mlflow.parentRunId": parent, **lineage_tags(stage), **(extra_tags or {})}
@@ -381,7 +400,7 @@ def run_url(run_id: str) -> str:
     base = tracking_uri()
     if _is_local_store(base):
         base = "http://127.0.0.1:5000"
-    client = _client()
+    client = mlflow_client()
     exp_id = client.get_run(run_id).info.experiment_id
     return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
 

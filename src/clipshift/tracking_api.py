@@ -76,3 +76,28 @@ class RecordingTracker(NullTracker):
 
     def log_dict(self, obj: dict[str, Any], name: str) -> None:
         self.dicts[name] = obj
+
+    def dump(self) -> dict[str, Any]:
+        """What was logged, as JSON values (for :func:`replay` in another process)."""
+        return {
+            "metrics": [[step, metrics] for step, metrics in self.metrics],
+            "params": dict(self.params),
+            "tags": dict(self.tags),
+            "artifacts": [list(a) for a in self.artifacts],
+            "dicts": dict(self.dicts),
+        }
+
+
+def replay(recorded: dict[str, Any], tracker: Tracker) -> None:
+    """Log into ``tracker`` what a :class:`RecordingTracker` recorded (its :meth:`dump`): how a
+    stage run on torchrun ranks reaches the flow's MLflow run, as if it had run in-process."""
+    if recorded["params"]:
+        tracker.log_params(recorded["params"])
+    if recorded["tags"]:
+        tracker.set_tags(recorded["tags"])
+    for step, metrics in recorded["metrics"]:
+        tracker.log_metrics(metrics, step=step)
+    for name, obj in recorded["dicts"].items():
+        tracker.log_dict(obj, name)
+    for path, artifact_path in recorded["artifacts"]:
+        tracker.log_artifact(path, artifact_path)

@@ -397,25 +397,3 @@ def log_summary_metrics(tracker: Tracker, summary: Mapping[str, Any]) -> None:
     if fit:
         metrics.update({"baseline_fit/avg/slope": fit["slope"], "baseline_fit/avg/r2": fit["r2"]})
     tracker.log_metrics(metrics)
-
-
-# --------------------------------------------------------------------------------------------
-# command line (the entry point torchrun launches on every rank)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="clipshift evaluate stage (one rank)")
-    parser.add_argument("--config-json", required=True, help="an EvaluateConfig as JSON")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    cfg = EvaluateConfig.model_validate_json(Path(args.config_json).read_text())
-    return D.run_on_rank(
-        lambda: run_evaluate(cfg, progress=not args.no_progress),
-        lambda s: {mid: m["id_accuracy"] for mid, m in sorted(s["models"].items())},
-    )
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

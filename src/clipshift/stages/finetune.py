@@ -14,7 +14,6 @@ returned in the summary's ``train_seconds``, which the flow writes to
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 from collections.abc import Sequence
@@ -283,29 +282,3 @@ def run_finetune(
         write_json_atomic(out / "finetune.json", st.summary)
         st.tracker.log_dict(st.summary, "finetune.json")
     return D.broadcast_object({**st.summary, "train_seconds": st.train_seconds})
-
-
-# --------------------------------------------------------------------------------------------
-# command line (the entry point torchrun launches on every rank)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="clipshift finetune stage (one rank)")
-    parser.add_argument("--config-json", required=True, help="a FinetuneConfig as JSON")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument(
-        "--timings-json", help="rank 0 writes {model id: train seconds} here (not in out_dir)"
-    )
-    args = parser.parse_args(argv)
-    cfg = FinetuneConfig.model_validate_json(Path(args.config_json).read_text())
-
-    def report(summary: dict) -> dict:
-        if args.timings_json:
-            write_json_atomic(args.timings_json, summary["train_seconds"])
-        return {mid: m.get("val_accuracy") for mid, m in summary["models"].items()}
-
-    return D.run_on_rank(lambda: run_finetune(cfg, progress=not args.no_progress), report)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -37,7 +37,6 @@ whole global batch and the gradient is that of the full-batch loss.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
@@ -704,35 +703,3 @@ def run_pretrain(
             return trainer.run()
     finally:
         torch.set_num_threads(previous_threads)
-
-
-# --------------------------------------------------------------------------------------------
-# command line (the entry point torchrun launches on every rank)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="clipshift contrastive pretraining (one rank)")
-    parser.add_argument("--config-json", required=True, help="a PretrainConfig as JSON")
-    parser.add_argument("--pool", action="append", help="pool(s) to train; default cfg.pools")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument(
-        "--timings-json", help="rank 0 writes {pool: timings} here (they are not in out_dir)"
-    )
-    args = parser.parse_args(argv)
-    cfg = PretrainConfig.model_validate_json(Path(args.config_json).read_text())
-    timings = {}
-    try:
-        for pool in args.pool or cfg.pools:
-            result = run_pretrain(cfg, pool, progress=not args.no_progress)
-            timings[pool] = {k: result.get(k) for k in TIMING_KEYS}
-            if D.is_main():
-                print({k: v for k, v in result.items() if k not in ("events", "throughput")})
-        if args.timings_json and D.is_main():
-            write_json_atomic(args.timings_json, timings)
-    finally:
-        D.cleanup()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
