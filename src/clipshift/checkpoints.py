@@ -186,10 +186,11 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model inside DistributedDataParallel / torch.compile wrappers."""
     while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+        inner = getattr(model, "module", None)
+        if isinstance(inner, torch.nn.Module):
+            model = inner
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
         else:
             return model
 

@@ -50,9 +50,9 @@ def run_stage(stage: str, params_path: str, pool: str | None = None) -> object:
 
     params = load_params(params_path)  # the whole file: a typo anywhere fails before any work
     config = None if stage == "pipeline" else params.section(stage)
-    if stage == "pretrain" and pool is not None and pool not in config.pools:
+    if stage == "pretrain" and pool is not None and pool not in params.pretrain.pools:
         raise ClipshiftError(
-            f"pool '{pool}' is not in pretrain.pools {config.pools}; add it in params.yaml"
+            f"pool '{pool}' is not in pretrain.pools {params.pretrain.pools}; add it in params.yaml"
         )
     flow = _flow_for(stage)
     if server is not None:

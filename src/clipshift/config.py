@@ -87,7 +87,7 @@ class WorldConfig(StrictModel):
     )
     reference_style: Style = Field("twemoji", description="Style of the train/val/test splits.")
     shift_styles: list[Style] = Field(
-        default_factory=lambda: [
+        default_factory=lambda: [  # type: ignore[arg-type]  # literals inferred as str
             "openmoji",
             "fluent",
             "noto",
@@ -114,11 +114,12 @@ class WorldConfig(StrictModel):
         "a seeded sample of others; null = every emoji all styles can draw.",
     )
     diverse_styles: list[Style] = Field(
-        default_factory=lambda: ["twemoji", "openmoji", "noto", "noto_line", "fluent_line"],
+        default_factory=lambda: ["twemoji", "openmoji", "noto", "noto_line", "fluent_line"],  # type: ignore[arg-type]
         description="Styles mixed in the 'diverse' pool.",
     )
     narrow_styles: list[Style] = Field(
-        default_factory=lambda: ["twemoji"], description="Styles of the 'narrow' pool."
+        default_factory=lambda: ["twemoji"],  # type: ignore[arg-type]
+        description="Styles of the 'narrow' pool.",
     )
     retrieval_size: int = Field(
         500, ge=10, le=1_000_000, description="Held-out image-caption pairs for retrieval eval."
@@ -475,7 +476,9 @@ class InterpolateConfig(StrictModel):
         default_factory=lambda: [round(0.1 * i, 1) for i in range(11)],
         description="WiSE-FT mixing weights: 0 = zero-shot, 1 = fine-tuned.",
     )
-    soups: list[Literal["uniform", "greedy"]] = Field(default_factory=lambda: ["uniform", "greedy"])
+    soups: list[Literal["uniform", "greedy"]] = Field(
+        default_factory=lambda: ["uniform", "greedy"]  # type: ignore[arg-type]
+    )
     batch_size: int = Field(256, ge=1, le=65536)
 
     @field_validator("alphas")
@@ -617,7 +620,8 @@ class PipelineConfig(StrictModel):
 # params.yaml's name of each section → its field (they differ for `validate` only) and model
 _FIELD_OF = {f.alias or name: name for name, f in PipelineConfig.model_fields.items()}
 SECTIONS: dict[str, type[BaseModel]] = {
-    f.alias or name: f.annotation for name, f in PipelineConfig.model_fields.items()
+    f.alias or name: f.annotation  # type: ignore[misc]  # every field is a section model
+    for name, f in PipelineConfig.model_fields.items()
 }
 
 

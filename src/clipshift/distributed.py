@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runs: list[dict[str, Any]] = [{}]
     if args.stage == "pretrain":
-        runs = [{"pool": pool} for pool in ([args.pool] if args.pool else config.pools)]
+        pools = [args.pool] if args.pool else list(getattr(config, "pools", []))
+        runs = [{"pool": pool} for pool in pools]
     try:
         for kwargs in runs:
             print(json.dumps(launch(entry, config, **kwargs), default=str, indent=2))

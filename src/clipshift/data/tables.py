@@ -147,7 +147,7 @@ def _hashes(grays: list[np.ndarray | None]) -> list[int | None]:
     out: list[int | None] = [None] * len(grays)
     idx = [i for i, g in enumerate(grays) if g is not None]
     if idx:
-        hashes, informative = ph.hash_grays(np.stack([grays[i] for i in idx]))
+        hashes, informative = ph.hash_grays(np.stack([g for g in grays if g is not None]))
         for i, h, ok in zip(idx, hashes.tolist(), informative.tolist(), strict=True):
             out[i] = h if ok else None
     return out

@@ -34,7 +34,7 @@ def fetch_sources(
 ) -> dict[str, dict[str, Any]]:
     from clipshift.data.ingest import fetch_source
 
-    datasets = {}
+    datasets: dict[str, dict[str, Any]] = {}
     # Without the world, the first labelled reference source (test, then train/val) defines
     # the task's classes, so that shifts mapped with class_map (ImageNet-R/-A) index them.
     for src in sorted(cfg.sources, key=lambda s: REFERENCE_ORDER.get(s.role, 9)):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -80,7 +80,12 @@ def _save_sweep(
     """Save every α's model (for heads, on ``visual``); returns the JSON record of the sweep."""
     chosen = choose_wise_alpha(points)
     for step, p in enumerate(points):
-        clf = p.model if visual is None else ImageClassifier(visual, p.model, True)
+        # end-to-end points are whole classifiers; linear points are heads on ``visual``
+        clf = (
+            cast(ImageClassifier, p.model)
+            if visual is None
+            else ImageClassifier(visual, cast(nn.Linear, p.model), True)
+        )
         extra = {
             "variant": variant,
             "val_accuracy": p.val_accuracy,
@@ -111,7 +116,7 @@ def _soups(run: _Run, finetuned: list[ModelEntry]) -> dict[str, Any]:
     if len(finetuned) < 2:
         return {"skipped": "fewer than 2 fine-tuned models (list more finetune.soup_lrs)"}
     models = [load_classifier(e.path)[0] for e in finetuned]
-    out = {}
+    out: dict[str, Any] = {}
     for recipe in run.cfg.soups:
         t0 = time.perf_counter()
         if recipe == "uniform":
@@ -145,6 +150,10 @@ def run_interpolate(cfg: InterpolateConfig, tracker: Tracker | None = None) -> d
         raise DataError(f"{index_path} lists no fine-tuned model; run the finetune stage")
     main = next((e for e in finetuned if e.extra.get("main")), finetuned[0])
     pool = main.pool
+    if pool is None:
+        raise DataError(
+            f"{index_path}: fine-tuned model '{main.id}' names no pool; re-run finetune"
+        )
     zs_entries = _pick(entries, "zeroshot", pool)
     if not zs_entries:
         raise DataError(f"{index_path} has no zero-shot model for pool '{pool}'; re-run finetune")

@@ -407,7 +407,7 @@ class Pretrainer:
         weight = self.loss_weight()
         for j, (images, tokens) in enumerate(micro):
             last = j == len(micro) - 1
-            sync = contextlib.nullcontext()
+            sync: contextlib.AbstractContextManager = contextlib.nullcontext()
             if not last and isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
                 sync = self.model.no_sync()
             with sync:
@@ -428,7 +428,7 @@ class Pretrainer:
                 self.scaler.scale(loss * weight).backward()
         return loss.detach()
 
-    def optimizer_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    def optimizer_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
         """One global step; returns its numbers, or raises TrainingDiverged."""
         cfg = self.cfg
         lr = (
@@ -514,7 +514,9 @@ class Pretrainer:
             "samples": self.step * cfg.batch_size,
             "loss": numbers["loss"],
             "loss_avg": self.interval["sum"] / count if self.interval["count"] else float("nan"),
-            "logit_scale": float(unwrap_model(self.raw).logit_scale.detach().exp()),
+            "logit_scale": float(
+                unwrap_model(self.raw).get_parameter("logit_scale").detach().exp()
+            ),
             "lr": numbers["lr"],
             "grad_norm": numbers["grad_norm"],
         }

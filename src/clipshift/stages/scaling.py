@@ -109,8 +109,9 @@ def world_image_size(data_dir: str | Path, pools: Sequence[str]) -> int:
     """
     for name in ["test", *(f"pool-{p}" for p in pools)]:
         path = Path(data_dir) / name
-        if (path / "dataset.json").exists() and load_info(path).image_size:
-            return int(load_info(path).image_size)
+        size = load_info(path).image_size if (path / "dataset.json").exists() else None
+        if size:
+            return int(size)
     log.warning("no image_size in %s/*/dataset.json; building 32 px models", data_dir)
     return 32
 

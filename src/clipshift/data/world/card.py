@@ -26,7 +26,7 @@ GRID_ROWS = 8
 STRIP = 6  # pool samples per pool in the strip
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.truetype(str(site_path("manimgx_fonts/NotoSans[wght].ttf")), size)
     except OSError:  # the card is cosmetic: a missing font must not fail the build
@@ -38,7 +38,7 @@ def _text(
     xy: tuple[int, int],
     text: str,
     width_chars: int,
-    font: ImageFont.ImageFont,
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
     lines: int = 3,
 ) -> None:
     wrapped = textwrap.wrap(text, width_chars)[:lines] or [""]
