@@ -63,19 +63,6 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
-    """Write small files (sidecars, JSON) with the same tmp + fsync + rename discipline."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        _write_synced(tmp, payload)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 def _write_synced(path: Path, payload: bytes) -> None:
     with open(path, "wb") as fh:
         fh.write(payload)

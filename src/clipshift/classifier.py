@@ -29,6 +29,7 @@ from open_clip.model import _build_vision_tower  # pinned open_clip 3.3.0: the t
 from torch import nn
 
 from clipshift.checkpoints import load_checkpoint, save_checkpoint
+from clipshift.data.loaders import normalize
 from clipshift.errors import CheckpointError
 
 FORMAT = "clipshift-classifier-v1"
@@ -143,8 +144,6 @@ def load_classifier(path: str | Path) -> tuple[ImageClassifier, dict[str, Any]]:
 
 def to_model_input(images: torch.Tensor, size: int | None = None) -> torch.Tensor:
     """uint8 images → normalised float input at ``size`` (open_clip's mean/std, via loaders)."""
-    from clipshift.data.loaders import normalize
-
     return normalize(images, size=size)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from clipshift.config import SECTIONS, load_params
 from clipshift.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,6 @@ def default_parameters(entrypoint: str, params: Any) -> dict[str, Any]:
     stage = _stage_of(entrypoint)
     if stage == PIPELINE_ENTRY:
         return {"params": params.model_dump(mode="json", by_alias=True)}
-    from clipshift.config import SECTIONS
-
     if stage not in SECTIONS:
         return {}
     section = params.section(stage)
@@ -223,8 +222,6 @@ def deploy_all(
     spec = yaml.safe_load(spec_path.read_text())
     params = None
     if params_path is not None:
-        from clipshift.config import load_params
-
         params = load_params(project_dir / params_path)
     pool_type = _pool_type(spec, work_pool)
     created = ensure_work_pool(work_pool, pool_type, project_dir=project_dir, api_url=api_url)

@@ -17,15 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from pydantic import ValidationError
 
-from clipshift.errors import ConfigError
-
-if TYPE_CHECKING:
-    from clipshift.config import DistributedConfig
+from clipshift import train_utils as T
+from clipshift.config import SECTIONS, DistributedConfig
+from clipshift.errors import ClipshiftError, ConfigError
+from clipshift.tracking_api import RecordingTracker, replay
 
 
 @dataclass(frozen=True)
@@ -205,9 +206,6 @@ def launch(entry: Callable[..., Any], config: Any, tracker: Any = None, **kwargs
     ``kwargs`` must be JSON values. The config reaches the ranks as a file; the environment is
     passed through as it is (credentials reach the ranks as they reach this process) and never
     written into the file or the command line."""
-    from clipshift.errors import ClipshiftError
-    from clipshift.tracking_api import replay
-
     stage = entry.__module__.rsplit(".", 1)[-1]
     dist = config.distributed
     rdzv_id = re.sub(
@@ -250,9 +248,6 @@ def run_on_rank(
     ``run(tracker)`` with a recording tracker, then hand rank 0's result and recording to every
     node's launcher (local rank 0 writes them to ``result_json``). The thread count and the
     process group are restored and left whatever happens."""
-    from clipshift import train_utils as T
-    from clipshift.tracking_api import RecordingTracker
-
     previous_threads = torch.get_num_threads()
     try:
         info = init_distributed(device)
@@ -310,11 +305,6 @@ def main(argv: list[str] | None = None) -> int:
             args.result_json,
         )
         return 0
-
-    from pydantic import ValidationError
-
-    from clipshift.config import SECTIONS
-    from clipshift.errors import ClipshiftError
 
     entry = _named(STAGE_ENTRIES[args.stage])
     try:

@@ -19,13 +19,13 @@ import torch
 from mlflow.pyfunc import PythonModel
 from PIL import Image
 
+from clipshift.classifier import config_image_size, load_classifier, predict_logits
+from clipshift.data.loaders import image_to_uint8
 from clipshift.errors import DataError
 
 
 def images_to_uint8(model_input: Any, size: int) -> torch.Tensor:
     """Accept the input shapes documented above; return uint8 ``[N, 3, size, size]``."""
-    from clipshift.data.loaders import image_to_uint8
-
     if isinstance(model_input, pd.DataFrame):
         if "image" not in model_input.columns:
             raise DataError("pass a DataFrame with an 'image' column of encoded image bytes")
@@ -42,15 +42,11 @@ class ClassifierModel(PythonModel):
     """Wraps a classifier checkpoint stored as the model's ``classifier`` artifact."""
 
     def load_context(self, context: Any) -> None:
-        from clipshift.classifier import load_classifier
-
         self.clf, self.meta = load_classifier(context.artifacts["classifier"])
         self.classes = list(self.meta.get("classnames") or self.meta.get("classes") or [])
 
     # No type hints here on purpose: MLflow would read them as an (unsupported) input schema.
     def predict(self, context, model_input, params=None):  # noqa: ANN001
-        from clipshift.classifier import config_image_size, predict_logits
-
         size = config_image_size(self.meta["model_config"])
         logits = predict_logits(self.clf, images_to_uint8(model_input, size))
         probs = torch.softmax(logits, dim=-1).numpy()

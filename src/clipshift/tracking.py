@@ -23,6 +23,9 @@ from typing import Any
 
 import yaml
 
+from clipshift.errors import ClipshiftError
+from clipshift.io_utils import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 EXPERIMENT = os.environ.get("CLIPSHIFT_EXPERIMENT", "clipshift")
@@ -341,8 +344,6 @@ def close_run(
     """Send the buffered metrics and mark the runs ended. If MLflow stays unreachable, the
     metrics are saved to ``metrics/unsent-<run id>.json`` and the stage fails with a message
     saying so (its outputs, checkpoints included, are already on disk)."""
-    from clipshift.errors import ClipshiftError
-
     pending = tracker.flush(raise_on_error=False, timeout_s=flush_timeout_s())
     saved = save_unsent(tracker) if pending else None
     try:
@@ -368,8 +369,6 @@ def close_run(
 
 def save_unsent(tracker: MlflowTracker) -> Path:
     """Write the metrics MLflow never took to a JSON list (mlflow Metric dictionaries)."""
-    from clipshift.io_utils import write_json_atomic
-
     path = Path("metrics") / f"unsent-{tracker.run_id}.json"
     write_json_atomic(path, tracker.unsent())
     log.error("MLflow unreachable: %d metrics saved to %s", len(tracker.unsent()), path)
@@ -452,7 +451,7 @@ def register_classifier(
     new version of ``model_name`` and point ``alias`` at that version; returns the version."""
     import mlflow
 
-    from clipshift.serving import log_classifier
+    from clipshift.serving import log_classifier  # imports mlflow.pyfunc: only when registering
 
     mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_id=tracker.run_id):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from clipshift.config import FetchConfig
+from clipshift.data.ingest import fetch_source
 from clipshift.data.manifest import MANIFEST
 from clipshift.data.shards import INFO_FILE, DatasetInfo
 from clipshift.errors import DataError
@@ -32,8 +33,6 @@ REFERENCE_ORDER = {"test": 0, "train": 1, "val": 2}  # sources that may define t
 def fetch_sources(
     cfg: FetchConfig, out_dir: Path, task_classes: list[str] | None, progress: bool
 ) -> dict[str, dict[str, Any]]:
-    from clipshift.data.ingest import fetch_source
-
     datasets: dict[str, dict[str, Any]] = {}
     # Without the world, the first labelled reference source (test, then train/val) defines
     # the task's classes, so that shifts mapped with class_map (ImageNet-R/-A) index them.
@@ -81,7 +80,7 @@ def run_fetch(cfg: FetchConfig, tracker: Tracker | None = None, progress: bool =
     manifest: dict[str, Any] = {"seed": cfg.seed, "task": {"classes": None}, "datasets": {}}
     facts: dict[str, Any] = {"world_build_seconds": None}
     if cfg.use_world:
-        from clipshift.data.world import build_world
+        from clipshift.data.world import build_world  # cairosvg & fonts: only for the world
 
         world = build_world(cfg, out_dir, tracker=tracker, progress=progress)
         facts["world_build_seconds"] = world.pop("build_seconds", None)

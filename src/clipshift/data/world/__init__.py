@@ -4,6 +4,7 @@
 pretraining pools that differ only in style mix, and a retrieval set, plus a dataset card.
 """
 
-from clipshift.data.world.build import build_world, derive_seed, select_classes, styles_in_use
+from clipshift.data.world.build import build_world, select_classes
+from clipshift.data.world.seeding import derive_seed, styles_in_use
 
 __all__ = ["build_world", "derive_seed", "select_classes", "styles_in_use"]

@@ -12,7 +12,6 @@ and nothing else, which is the comparison the data-centric experiment needs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -31,6 +30,7 @@ from clipshift.data.world.art import DERIVED_STYLES, ArtLibrary, base_style
 from clipshift.data.world.captions import EmojiMeta, load_catalog, make_caption
 from clipshift.data.world.card import write_card
 from clipshift.data.world.render import render
+from clipshift.data.world.seeding import derive_seed, rng_for, styles_in_use
 from clipshift.errors import DataError
 from clipshift.tracking_api import NullTracker, Tracker
 
@@ -53,24 +53,6 @@ DERIVED_INFO = {
     "grayscale": "reference style rendered without colour",
     "corrupt": "reference style with a random CIFAR-10-C-like corruption per image",
 }
-
-
-def derive_seed(seed: int, *parts: object) -> int:
-    """A seed unique to (seed, parts): independent streams for every dataset and index.
-
-    63 bits, so it fits the int64 columns that pandas / Great Expectations read metadata into.
-    """
-    text = "/".join(str(p) for p in ("clipshift-world", seed, *parts))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-
-def rng_for(seed: int, *parts: object) -> np.random.Generator:
-    return np.random.default_rng(derive_seed(seed, *parts))
-
-
-def styles_in_use(world: WorldConfig) -> list[str]:
-    styles = [world.reference_style, *world.shift_styles, *world.diverse_styles]
-    return list(dict.fromkeys([*styles, *world.narrow_styles]))
 
 
 def base_styles(world: WorldConfig) -> list[str]:

@@ -17,8 +17,9 @@ from PIL import Image, ImageDraw, ImageFont
 from clipshift.config import FetchConfig
 from clipshift.data.shards import iter_dataset
 from clipshift.data.world.art import site_path
+from clipshift.data.world.seeding import derive_seed, styles_in_use
 
-if TYPE_CHECKING:  # build imports card lazily; this import is for type checkers only
+if TYPE_CHECKING:  # build imports card, so this import is for type checkers only
     from clipshift.data.world.build import Renderer
 
 ZOOM = 3  # contact-sheet cells are shown at 3x, nearest-neighbour: the true pixels, visible
@@ -49,7 +50,6 @@ def contact_sheet(
     result: dict[str, Any], cfg: FetchConfig, renderer: Renderer, out_dir: Path
 ) -> Image.Image:
     """Rows: a few task classes; columns: every style in use; then pool samples with captions."""
-    from clipshift.data.world.build import derive_seed, styles_in_use  # build imports card
 
     world = cfg.world
     styles = styles_in_use(world)
