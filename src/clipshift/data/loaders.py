@@ -164,36 +164,43 @@ def read_exclude(validate_dir: str | Path, dataset_name: str) -> set[str]:
     return set(data.get(dataset_name, []))
 
 
-def load_labelled(dataset_dir: str | Path, exclude: set[str] | None = None) -> LabelledData:
-    """Decode every sample of a small labelled dataset into memory, once."""
-    info = load_info(dataset_dir)
-    size = info.image_size
+def decode_samples(
+    dataset_dir: str | Path, field: str, size: int | None, exclude: set[str] | None, what: str
+) -> tuple[torch.Tensor, list[Any], list[str], ReadStats]:
+    """Decode a dataset once: uint8 images at ``size`` (None: the first image's) and each
+    sample's ``field`` (``cls``, ``txt``); samples without it are skipped and counted, so are
+    unreadable ones. ``what`` names the samples in the error when none is usable."""
     exclude = exclude or set()
     stats = ReadStats()
-    images, labels, keys = [], [], []
+    images, values, keys = [], [], []
     for sample in iter_dataset(dataset_dir, stats):
         if sample["__key__"] in exclude:
             continue
-        if "cls" not in sample:
-            stats.skip("missing class index")
+        if sample.get(field) in (None, ""):
+            stats.skip(f"missing {field}")
             continue
-        if size is None:  # no declared size: the first image sets it for the rest
-            size = sample["image"].size[0]
+        size = size or sample["image"].size[0]
         images.append(image_to_uint8(sample["image"], size))
-        labels.append(sample["cls"])
+        values.append(sample[field])
         keys.append(sample["__key__"])
     if not keys:
         raise DataError(
-            f"dataset '{dataset_dir}' has no usable labelled samples "
-            f"(skipped: {stats.reasons}); re-run fetch/validate"
+            f"'{dataset_dir}' has no usable {what} (skipped: {stats.reasons}); re-run fetch"
         )
     if stats.skipped:
         log.warning(
             "%s: skipped %d unreadable samples %s", dataset_dir, stats.skipped, stats.reasons
         )
-    return LabelledData(
-        torch.stack(images), torch.tensor(labels, dtype=torch.long), keys, info.classes, stats
+    return torch.stack(images), values, keys, stats
+
+
+def load_labelled(dataset_dir: str | Path, exclude: set[str] | None = None) -> LabelledData:
+    """Decode every sample of a small labelled dataset into memory, once."""
+    info = load_info(dataset_dir)
+    images, labels, keys, stats = decode_samples(
+        dataset_dir, "cls", info.image_size, exclude, "labelled samples"
     )
+    return LabelledData(images, torch.tensor(labels, dtype=torch.long), keys, info.classes, stats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,32 +235,12 @@ def load_captioned(
     dataset_dir: str | Path, image_size: int | None = None, exclude: set[str] | None = None
 ) -> CaptionedImages:
     """Decode an image–caption dataset (a pool, the retrieval pairs) once: uint8 images at
-    ``image_size`` (default: the dataset's own) and captions; samples without a caption are
-    skipped and counted, unreadable ones too."""
-    exclude = exclude or set()
-    stats = ReadStats()
+    ``image_size`` (default: the dataset's own) and captions."""
     size = image_size or load_info(dataset_dir).image_size
-    images, captions, keys = [], [], []
-    for sample in iter_dataset(dataset_dir, stats):
-        if sample["__key__"] in exclude:
-            continue
-        if not sample.get("txt"):
-            stats.skip("missing caption")
-            continue
-        size = size or sample["image"].size[0]
-        images.append(image_to_uint8(sample["image"], size))
-        captions.append(sample["txt"])
-        keys.append(sample["__key__"])
-    if not keys:
-        raise DataError(
-            f"'{dataset_dir}' has no usable image-caption pairs "
-            f"(skipped: {stats.reasons}); re-run fetch"
-        )
-    if stats.skipped:
-        log.warning(
-            "%s: skipped %d unreadable samples %s", dataset_dir, stats.skipped, stats.reasons
-        )
-    return CaptionedImages(torch.stack(images), captions, keys, stats)
+    images, captions, keys, stats = decode_samples(
+        dataset_dir, "txt", size, exclude, "image-caption pairs"
+    )
+    return CaptionedImages(images, captions, keys, stats)
 
 
 def load_pool(
