@@ -2,8 +2,9 @@
 
 Each grid point is a task, so the Prefect UI shows every training with its own state and
 retries it alone; a retry (or a re-run of the flow) reuses finished runs and resumes a cut-off
-one from its checkpoint. The runs go through a one-worker task runner on purpose: on a CPU
-two trainings in parallel only share the same cores, and the trainer sets torch's process-wide
+one from its checkpoint. The flow calls :func:`clipshift.stages.scaling.run_scaling` with the
+task as its ``run_point``; the tasks run one after the other on purpose: on a CPU two
+trainings in parallel only share the same cores, and the trainer sets torch's process-wide
 thread count.
 """
 
@@ -11,17 +12,10 @@ from __future__ import annotations
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from clipshift import tracking
 from clipshift.config import FinetuneConfig, PretrainConfig, ScalingConfig, ScalingRun
-from clipshift.stages.scaling import (
-    GridInputs,
-    grid_inputs,
-    grid_points,
-    summarize,
-    train_and_evaluate,
-)
+from clipshift.stages.scaling import GridInputs, run_scaling, train_and_evaluate
 from flows._common import publish_metrics, report_table, tracked_stage
 
 
@@ -34,11 +28,12 @@ def scaling_run(
     point: ScalingRun,
     inputs: GridInputs,
     tracker: tracking.MlflowTracker,
+    progress: bool,
 ) -> dict:
-    return train_and_evaluate(config, pretrain, pool, point, inputs, tracker, progress=False)
+    return train_and_evaluate(config, pretrain, pool, point, inputs, tracker, progress)
 
 
-@flow(name="scaling", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="scaling", log_prints=True)
 def scaling_flow(
     config: ScalingConfig = ScalingConfig(),
     pretrain: PretrainConfig = PretrainConfig(),
@@ -53,15 +48,14 @@ def scaling_flow(
         tracker.log_params(
             tracking.flatten({k: v.model_dump(mode="json") for k, v in sections.items()})
         )
-        inputs = grid_inputs(config, finetune)  # evaluation data and pools, decoded once
-        futures = [
-            scaling_run.submit(config, pretrain, pool, point, inputs, tracker)
-            for pool, point in grid_points(config)
-        ]
-        rows = [f.result() for f in futures]
-        summary = summarize(config, rows, tracker, write_metrics=False)
-        publish_metrics(tracker, config.metrics_path, summary["metrics"])
-        report_table("scaling-runs", [_run_line(r) for r in rows], "Scaling runs (accuracies)")
+        summary = run_scaling(
+            config, pretrain, finetune, tracker, False, write_metrics=False, run_point=scaling_run
+        )
+        metrics = {"fits": summary["fits"], "runs": summary["runs"]}
+        publish_metrics(tracker, config.metrics_path, metrics)
+        report_table(
+            "scaling-runs", [_run_line(r) for r in summary["runs"]], "Scaling runs (accuracies)"
+        )
         report_table(
             "scaling-exponent",
             summary["comparison"],
@@ -69,7 +63,7 @@ def scaling_flow(
         )
         for line in summary["comparison"]:
             print(line)
-        return {**summary.pop("metrics"), **summary}
+        return summary
 
 
 def _run_line(row: dict) -> dict:

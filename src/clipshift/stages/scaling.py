@@ -34,7 +34,7 @@ import csv
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -544,11 +544,14 @@ def run_scaling(
     tracker: Tracker | None = None,
     progress: bool = True,
     write_metrics: bool = True,
+    run_point: Callable[..., dict[str, Any]] = train_and_evaluate,
 ) -> dict[str, Any]:
     """Train and evaluate the whole grid on every pool, fit the laws, write every output.
 
     Every run takes the pretrain section's loop settings and is scored with the finetune
-    section's templates and linear-probe settings. Returns ``{"fits", "runs", "comparison",
+    section's templates and linear-probe settings. ``run_point`` trains one grid point (with
+    :func:`train_and_evaluate`'s arguments): the flow passes a Prefect task wrapping it, so each
+    run is a task with its own state and retries. Returns ``{"fits", "runs", "comparison",
     "figures", "runs_csv", "wall_seconds"}``; ``fits`` and ``runs`` are what
     ``cfg.metrics_path`` holds.
     """
@@ -556,7 +559,7 @@ def run_scaling(
     start = time.perf_counter()
     inputs = grid_inputs(cfg, finetune)
     rows = [
-        train_and_evaluate(cfg, pretrain, pool, point, inputs, tracker, progress)
+        run_point(cfg, pretrain, pool, point, inputs, tracker, progress)
         for pool, point in grid_points(cfg)
     ]
     summary = summarize(cfg, rows, tracker, write_metrics)
