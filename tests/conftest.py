@@ -18,6 +18,16 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
+@pytest.fixture(scope="module")
+def one_omp_thread():
+    """OMP_NUM_THREADS=1 for a whole module (its module-scoped reference runs too): bitwise
+    comparisons of trainings need the same thread count in the runs compared, and one thread
+    is steadier on the 2 cores shared with other jobs. Use with pytest.mark.usefixtures."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect server for every test that runs a flow (starting one costs ~7 s)."""

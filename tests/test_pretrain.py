@@ -28,13 +28,7 @@ MODEL = "clipshift-test-pt-w32"
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Bitwise equality needs the same thread count in the runs compared; one thread is also
-    # steadier on the 2 cores shared with other jobs. Module scope: the reference run too.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("one_omp_thread")
 
 
 @pytest.fixture(scope="module")

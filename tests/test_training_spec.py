@@ -46,12 +46,7 @@ STEPS = 8  # toy_pretrain_cfg: 8 steps of 32, a resume checkpoint every 3
 CRASH_AT = 5  # half-finished: the newest resume state is step 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # bitwise comparisons need one thread count across the runs compared
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("one_omp_thread")
 
 
 @pytest.fixture(scope="module")
