@@ -25,9 +25,9 @@ TOY_MODEL = "bench-toy"
 TINY_WORLD: dict[str, Any] = {
     "image_size": 32,
     "num_classes": 5,
-    "shift_styles": ["openmoji", "noto_line", "silhouette", "corrupt"],
+    "shift_styles": ["openmoji", "silhouette", "corrupt"],
     "diverse_styles": ["twemoji", "openmoji", "noto_line"],
-    "narrow_styles": ["twemoji"],
+    "narrow_styles": ["twemoji", "noto_line"],
     "train_per_class": 4,
     "val_per_class": 2,
     "test_per_class": 2,

@@ -41,8 +41,8 @@ TINY_WORLD = {
     "pool_size": 20,
     "retrieval_size": 10,
     "shift_styles": ["openmoji", "silhouette"],
-    "diverse_styles": ["twemoji", "openmoji"],
-    "narrow_styles": ["twemoji"],
+    "diverse_styles": ["twemoji", "openmoji", "noto_line"],
+    "narrow_styles": ["twemoji", "noto_line"],
     "shard_size": 50,
 }
 

@@ -127,7 +127,7 @@ def test_clean_world_passes(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["samples/train"] == 12 and metrics["samples/pool-diverse"] == 12
     assert metrics["leaked_total"] == 0 and metrics["success"] == 1
-    assert metrics["suites_passed"] == metrics["suites_total"] == 8 + 4
+    assert metrics["suites_passed"] == metrics["suites_total"] == 8 + 5
     assert all(isinstance(v, int | float) for v in metrics.values())
     html = (out / "data_docs" / "index.html").read_text()
     assert "train.samples" in html and "coverage" in html
@@ -225,6 +225,33 @@ def test_reencoded_test_image_is_a_near_duplicate(tmp_path):
     leaks = (tmp_path / "validate" / "leaks.csv").read_text().splitlines()
     assert len(leaks) == 2 and leaks[1].startswith("val,val-0-1,train,reencoded,")
     assert leaks[1].endswith(",False")  # caught by the pHash, not by the bytes
+
+
+def _with_drawings(s: Samples) -> None:
+    """Drawing ids as the built-in world writes them: one design per (class, split family)."""
+    for name, rows in s.items():
+        for i, row in enumerate(rows):
+            drawing = f"{row.get('cls', i)}:{'pool-art' if name.startswith('pool') else name}"
+            row["json"] = {"drawing": drawing}
+
+
+def test_pool_showing_an_evaluation_drawing_fails_even_when_pixels_differ(tmp_path):
+    data = write_fetch(tmp_path, _with_drawings)
+    assert run_validate(config(tmp_path / "clean", data), progress=False).success
+
+    def contaminate(s: Samples) -> None:
+        _with_drawings(s)
+        # a new render (other pixels) of the shift's drawing of class 1, twice in one pool
+        for row in s["pool-narrow"][:2]:
+            row["json"] = {"drawing": "1:shift-line"}
+
+    data = write_fetch(tmp_path / "dirty", contaminate)
+    message = fails(config(tmp_path / "dirty", data), "dataset 'pool-narrow'", "drawing")
+    assert "1:shift-line" in message and "shift-line" in message
+    assert "pool-diverse" not in message.split("drawing", 1)[1].split("\n")[0]
+    report = json.loads((tmp_path / "dirty" / "validate" / "report.json").read_text())
+    (failure,) = [f for f in report["failures"] if f["suite"] == "drawings"]
+    assert failure["dataset"] == "pool-narrow" and failure["rows"] == 1  # one drawing, 2 samples
 
 
 def test_tampered_shard_fails_manifest_check(tmp_path):

@@ -26,6 +26,7 @@ from clipshift.data.world.build import (
     class_group,
     emoji_universe,
     pool_universe,
+    world_plan,
 )
 from clipshift.data.world.captions import load_catalog, make_caption
 from clipshift.data.world.render import render
@@ -45,9 +46,10 @@ PYPI_WORLD = {
     "shard_size": 16,
     "caption_noise": 0.3,
     "reference_style": "twemoji",
-    "shift_styles": ["openmoji", "noto_line", "silhouette", "grayscale", "corrupt"],
+    "shift_styles": ["openmoji", "silhouette", "grayscale", "corrupt"],
+    # noto_line is the one PyPI style no evaluation set uses: the task classes are drawn in it
     "diverse_styles": ["twemoji", "openmoji", "noto_line"],
-    "narrow_styles": ["twemoji"],
+    "narrow_styles": ["twemoji", "noto_line"],
 }
 LABELLED = ["train", "val", "test"] + [f"shift-{s}" for s in PYPI_WORLD["shift_styles"]]
 
@@ -129,8 +131,12 @@ def test_pools_cover_the_universe_and_differ_only_in_style(built):
     codes = [r["json"]["codepoint"] for r in diverse]
     assert len(set(codes)) == 40  # one pass over a 1000+ universe: no repeats
     assert set(codes) - task, "pools must hold emoji that are not task classes"
-    assert {r["json"]["style"] for r in narrow} == {"twemoji"}
+    assert {r["json"]["style"] for r in narrow} == {"twemoji", "noto_line"}
     assert {r["json"]["style"] for r in diverse} == {"twemoji", "openmoji", "noto_line"}
+    # task classes only in the style no evaluation set draws them in
+    for row in diverse + narrow:
+        if row["json"]["codepoint"] in task:
+            assert row["json"]["style"] == "noto_line"
     # same content stream: the same emoji at the same index, different images
     assert codes == [r["json"]["codepoint"] for r in narrow]
     assert [r["image_bytes"] for r in diverse] != [r["image_bytes"] for r in narrow]
@@ -148,6 +154,52 @@ def test_captions_are_varied_bounded_and_partly_noisy(built):
     assert named > 0.5 * kinds["clean"]  # clean captions mostly say what the emoji is
     retrieval = samples(out, "retrieval")
     assert {r["json"]["caption_kind"] for r in retrieval} == {"clean"}
+
+
+def test_no_pool_holds_a_drawing_that_an_evaluation_set_shows(built):
+    out, result, _ = built
+    roles = {name: load_info(out / name).role for name in result["datasets"]}
+    held = {
+        r["json"]["drawing"]
+        for name, role in roles.items()
+        if role != "pool"
+        for r in samples(out, name)
+    }
+    pooled = {
+        r["json"]["drawing"] for name in ("pool-diverse", "pool-narrow") for r in samples(out, name)
+    }
+    assert held and pooled and not held & pooled
+    # derived styles are re-renders of the reference's drawings
+    silhouettes = {r["json"]["drawing"] for r in samples(out, "shift-silhouette")}
+    assert silhouettes == {r["json"]["drawing"] for r in samples(out, "test")}
+    # retrieval shows non-task emoji in pool styles, drawings no pool holds
+    retrieval = samples(out, "retrieval")
+    assert not {r["json"]["codepoint"] for r in retrieval} & set(result["task"]["codepoints"])
+
+
+def test_shift_groups_follow_the_pools(built):
+    out, _, _ = built
+    groups = {
+        s: load_info(out / f"shift-{s}").extra["shift_group"] for s in PYPI_WORLD["shift_styles"]
+    }
+    assert groups == {
+        "openmoji": "natural-covered",
+        "silhouette": "synthetic",
+        "grayscale": "synthetic",
+        "corrupt": "synthetic",
+    }
+    assert "shift_group" not in load_info(out / "test").extra
+
+
+def test_pools_without_a_style_free_of_evaluation_drawings_are_refused():
+    # twemoji draws the reference sets: a twemoji-only pool could show the task classes only
+    # in the very drawings the test holds
+    world = make_cfg(Path("unused"), narrow_styles=["twemoji"]).world
+    catalog = load_catalog()
+    universe = sorted(catalog)[:20]
+    with pytest.raises(DataError, match="pool 'pool-narrow' cannot draw") as err:
+        world_plan(world, 0, universe[:6], universe, catalog)
+    assert "emojione" in str(err.value)  # names the fix
 
 
 def test_caption_generator_never_returns_empty_text():
@@ -276,6 +328,9 @@ def npm_cache() -> Path:
                 "@iconify-json/fluent-emoji-flat",
                 "@iconify-json/noto",
                 "@iconify-json/fluent-emoji-high-contrast",
+                "@iconify-json/emojione",
+                "@iconify-json/emojione-v1",
+                "@iconify-json/fxemoji",
             ],
         )
     except DataError as exc:
@@ -292,12 +347,28 @@ def test_npm_styles_render(npm_cache, tmp_path):
             "pool_size": 12,
             "retrieval_size": 10,
             "shift_styles": ["fluent", "noto", "fluent_line"],
-            "diverse_styles": ["noto", "fluent_line"],
+            "diverse_styles": ["twemoji", "noto", "emojione", "fxemoji"],
+            "narrow_styles": ["twemoji", "emojione_v1"],
         },
     )
     result = build_world(cfg, tmp_path, progress=False)
     assert result["styles"]["fluent"]["license"] == "MIT"
     assert result["styles"]["noto"]["license"] == "Apache-2.0"
+    assert result["styles"]["emojione"]["license"] == "CC-BY-4.0"
+    assert result["styles"]["fxemoji"]["license"] == "Apache-2.0"
+    groups = {
+        s: load_info(tmp_path / f"shift-{s}").extra["shift_group"]
+        for s in ("fluent", "noto", "fluent_line")
+    }
+    assert groups == {
+        "fluent": "natural-unseen",
+        "noto": "natural-covered",
+        "fluent_line": "natural-unseen",
+    }
+    task = set(result["task"]["codepoints"])
+    for row in samples(tmp_path, "pool-diverse"):
+        if row["json"]["codepoint"] in task:  # noto is a shift: its drawings stay out
+            assert row["json"]["style"] in ("emojione", "fxemoji")
     for name in ("shift-fluent", "shift-noto", "shift-fluent_line"):
         rows = samples(tmp_path, name)
         assert len(rows) == 6 and all(r["image"].size == (32, 32) for r in rows)

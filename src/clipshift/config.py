@@ -24,6 +24,9 @@ Style = Literal[
     "noto",
     "noto_line",
     "fluent_line",
+    "emojione",
+    "emojione_v1",
+    "fxemoji",
     "silhouette",
     "grayscale",
     "corrupt",
@@ -114,12 +117,21 @@ class WorldConfig(StrictModel):
         "a seeded sample of others; null = every emoji all styles can draw.",
     )
     diverse_styles: list[Style] = Field(
-        default_factory=lambda: ["twemoji", "openmoji", "noto", "noto_line", "fluent_line"],  # type: ignore[arg-type]
-        description="Styles mixed in the 'diverse' pool.",
+        default_factory=lambda: [  # type: ignore[arg-type]  # literals inferred as str
+            "twemoji",
+            "openmoji",
+            "noto",
+            "emojione",
+            "emojione_v1",
+            "fxemoji",
+        ],
+        description="Styles mixed in the 'diverse' pool. A pool never holds a drawing that an "
+        "evaluation set shows: task classes appear only in styles whose family (emojione, "
+        "fxemoji, ...) no evaluation set uses; other emoji in every style.",
     )
     narrow_styles: list[Style] = Field(
-        default_factory=lambda: ["twemoji"],  # type: ignore[arg-type]
-        description="Styles of the 'narrow' pool.",
+        default_factory=lambda: ["twemoji", "emojione"],  # type: ignore[arg-type]
+        description="Styles of the 'narrow' pool (same rule as diverse_styles).",
     )
     retrieval_size: int = Field(
         500, ge=10, le=1_000_000, description="Held-out image-caption pairs for retrieval eval."
@@ -222,7 +234,14 @@ class ValidateConfig(StrictModel):
         "drop", description="What to do with test images duplicated in training data."
     )
     phash_max_distance: int = Field(
-        0, ge=0, le=64, description="Hamming distance at or below which images are near-duplicates."
+        2,
+        ge=0,
+        le=64,
+        description="Hamming distance at or below which images are near-duplicates. 2 catches "
+        "94 % of JPEG-q75 re-encodes and 99.7 % of 2x resizes of the built-in test images and "
+        "flags 0.07 % of clean evaluation images against the pools (4: 98.7 %, 0.38 %). A "
+        "re-render with other augmentation is no closer than another drawing: the drawing "
+        "check, not the pHash, keeps those out.",
     )
     max_corrupt_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="Fraction of undecodable samples tolerated per dataset."

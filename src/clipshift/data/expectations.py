@@ -205,6 +205,22 @@ def leakage_expectations(max_distance: int) -> list[gxe.Expectation]:
     ]
 
 
+def drawing_expectations() -> list[gxe.Expectation]:
+    return [
+        gxe.ExpectColumnValuesToBeInSet(
+            column="held_out",
+            value_set=[False],
+            meta=_meta(
+                "no pretraining pool holds a drawing (emoji x artist design) that an evaluation "
+                "or fine-tuning set shows, in any rendering",
+                "rebuild the pool without these drawings: the built-in world leaves them out "
+                "(re-run fetch with this clipshift); for your own pools, drop the listed "
+                "drawings' samples",
+            ),
+        )
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # results
 

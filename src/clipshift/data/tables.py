@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import multiprocessing
 import sys
 import tarfile
@@ -53,6 +54,7 @@ SAMPLE_COLUMNS = [
     "caption",
     "caption_len",
     "cls",
+    "drawing",
 ]
 
 
@@ -85,6 +87,7 @@ def sample_row(key: str, group: dict[str, bytes]) -> tuple[dict[str, Any], np.nd
     image, error = _parse_image(payload) if payload is not None else (None, "missing image")
     cls, cls_error = _parse_cls(group.get("cls"))
     caption = group["txt"].decode("utf-8", errors="replace") if "txt" in group else None
+    drawing = _parse_drawing(group.get("json"))
     row = {
         "key": key,
         "sha256": hashlib.sha256(payload).hexdigest() if payload is not None else None,
@@ -98,8 +101,21 @@ def sample_row(key: str, group: dict[str, bytes]) -> tuple[dict[str, Any], np.nd
         # stripped: a caption of blanks is as empty as no caption for a text encoder
         "caption_len": len(caption.strip()) if caption is not None else None,
         "cls": cls,
+        "drawing": drawing,
     }
     return row, (ph.to_gray(image) if image is not None else None)
+
+
+def _parse_drawing(payload: bytes | None) -> str | None:
+    """The ``drawing`` id a sample's json declares (built-in world), None when absent."""
+    if payload is None:
+        return None
+    try:
+        meta = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    drawing = meta.get("drawing") if isinstance(meta, dict) else None
+    return drawing if isinstance(drawing, str) else None
 
 
 @dataclass
@@ -398,3 +414,30 @@ def leak_counts(pairs: pd.DataFrame, eval_names: list[str], train_names: list[st
     out["exact"] = exact.reindex(grid, fill_value=0).astype(int) if len(exact) else 0
     out["near"] = out["leaked"] - out["exact"]  # leaked by pHash only: the bytes differ
     return out.reset_index()
+
+
+HELD_OUT_ROLES = (*EVAL_ROLES, "train")  # the fine-tuning set's drawings are the test's
+
+
+def drawing_overlap(reads: list[DatasetRead]) -> pd.DataFrame:
+    """One row per (pool, drawing) pair: how many pool samples show it, and which held-out sets
+    (evaluation or fine-tuning) show the same drawing; ``held_out`` is True for those.
+
+    A drawing is one artist's design of one emoji (the ``drawing`` id in a sample's json), so a
+    re-render with other augmentation or a derived style is caught where pixel hashes miss it.
+    Datasets without drawing ids (external sources) contribute no rows.
+    """
+    columns = ["dataset", "drawing", "samples", "shown_in", "held_out"]
+    shown: dict[str, set[str]] = {}
+    for r in reads:
+        if r.info.role in HELD_OUT_ROLES:
+            for drawing in r.samples["drawing"].dropna().unique():
+                shown.setdefault(drawing, set()).add(r.name)
+    rows = []
+    for r in reads:
+        if r.info.role != "pool":
+            continue
+        for drawing, count in r.samples["drawing"].dropna().value_counts().sort_index().items():
+            where = ",".join(sorted(shown.get(str(drawing), ())))
+            rows.append((r.name, drawing, int(count), where, bool(where)))
+    return pd.DataFrame(rows, columns=columns)

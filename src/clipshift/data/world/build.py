@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from clipshift.config import FetchConfig, WorldConfig
 from clipshift.data.shards import INFO_FILE, DatasetInfo, ShardWriter
-from clipshift.data.world.art import DERIVED_STYLES, ArtLibrary, base_style
+from clipshift.data.world.art import DERIVED_STYLES, ArtLibrary, base_style, family_of
 from clipshift.data.world.captions import EmojiMeta, load_catalog, make_caption
 from clipshift.data.world.card import write_card
 from clipshift.data.world.render import render
@@ -206,6 +206,17 @@ def _cycled(universe: list[str], seed: int, stream: str, count: int) -> Iterator
         yield from (universe[j] for j in perm[: count - start])
 
 
+# A drawing is one artist's design of one emoji: (emoji key, style family). Re-renders of a
+# drawing (other augmentation, a derived style, a sibling style of the family) are the same
+# drawing, so a pool holding it would have seen the evaluation image.
+Drawing = tuple[str, str]
+
+
+def drawing_id(key: str, family: str) -> str:
+    """How a sample's json names its drawing; validate compares these across datasets."""
+    return f"{key}:{family}"
+
+
 def caption_plan(
     name: str,
     role: str,
@@ -216,13 +227,19 @@ def caption_plan(
     noise: float,
     seed: int,
     content: str,
+    drawable: dict[str, list[str]] | None = None,
 ) -> DatasetPlan:
-    """Image-caption pairs; ``content`` names the stream of emoji and caption draws."""
+    """Image-caption pairs; ``content`` names the stream of emoji and caption draws.
+
+    ``drawable`` maps an emoji to the styles it may be drawn in here (default: all
+    ``styles``); the pools use it to leave out every drawing an evaluation set shows.
+    """
     names = [catalog[k].name for k in universe]
     samples = []
     for i, key in enumerate(_cycled(universe, seed, f"{content}-emoji", count)):
         image_seed = derive_seed(seed, name, i)
-        style = styles[int(rng_for(image_seed, "style").integers(len(styles)))]
+        allowed = drawable[key] if drawable is not None else styles
+        style = allowed[int(rng_for(image_seed, "style").integers(len(allowed)))]
         caption_rng = rng_for(seed, f"{content}-caption", i)
         text, kind = make_caption(catalog[key], style, caption_rng, noise, names)
         samples.append(SampleSpec(name, i, key, style, image_seed, caption=text, caption_kind=kind))
@@ -246,6 +263,59 @@ def pool_universe(
     return [k for k in universe if k in chosen]
 
 
+def eval_drawings(world: WorldConfig, classes: list[str]) -> set[Drawing]:
+    """Drawings the labelled sets show: every task class in every evaluated style's family."""
+    styles = [world.reference_style, *world.shift_styles]
+    families = {family_of(s, world.reference_style) for s in styles}
+    return {(key, family) for key in classes for family in families}
+
+
+def retrieval_drawings(
+    world: WorldConfig, universe: list[str], classes: list[str], seed: int
+) -> dict[str, str]:
+    """One held-out drawing per non-task pool emoji (emoji -> style) for the retrieval set.
+
+    The pools keep that emoji in the other styles and that style on other emoji, so retrieval
+    measures transfer to unseen drawings, as the shifts do.
+    """
+    styles = list(dict.fromkeys(world.diverse_styles))
+    task = set(classes)
+    held: dict[str, str] = {}
+    for key in universe:
+        if key not in task:
+            pick = rng_for(seed, "retrieval-drawing", key).integers(len(styles))
+            held[key] = styles[int(pick)]
+    return held
+
+
+def pool_styles(
+    name: str, styles: list[str], universe: list[str], held_out: set[Drawing], reference: str
+) -> dict[str, list[str]]:
+    """Per emoji, the pool's styles whose drawing of it no evaluation set shows."""
+    drawable = {
+        key: [s for s in styles if (key, family_of(s, reference)) not in held_out]
+        for key in universe
+    }
+    missing = sorted(k for k, allowed in drawable.items() if not allowed)
+    if missing:
+        raise DataError(
+            f"pool '{name}' cannot draw {len(missing)} emoji (e.g. {missing[:3]}) without "
+            f"showing a drawing an evaluation set holds: every style of {styles} belongs to a "
+            "family that the reference or a shift uses for the task classes. Fix: add to "
+            "fetch.world's pool styles one whose family no evaluation set uses (emojione, "
+            "emojione_v1, fxemoji)"
+        )
+    return drawable
+
+
+def shift_group(style: str, world: WorldConfig) -> str:
+    """natural-covered (a pool has the style, on other emoji), natural-unseen, or synthetic."""
+    if style in DERIVED_STYLES:
+        return "synthetic"
+    pooled = {*world.diverse_styles, *world.narrow_styles}
+    return "natural-covered" if style in pooled else "natural-unseen"
+
+
 def world_plan(
     world: WorldConfig,
     seed: int,
@@ -264,32 +334,41 @@ def world_plan(
         labelled_plan(f"shift-{s}", "shift", s, classes, world.shift_per_class, seed)
         for s in world.shift_styles
     ]
+    retrieval = retrieval_drawings(world, universe, classes, seed)
+    held_out = eval_drawings(world, classes)
+    held_out |= {(key, family_of(style, ref)) for key, style in retrieval.items()}
     for pool, styles in (("diverse", world.diverse_styles), ("narrow", world.narrow_styles)):
+        name = f"pool-{pool}"
+        unique: list[str] = list(dict.fromkeys(styles))
         plans.append(
             caption_plan(
-                f"pool-{pool}",
+                name,
                 "pool",
-                list(dict.fromkeys(styles)),
+                unique,
                 universe,
                 catalog,
                 world.pool_size,
                 world.caption_noise,
                 seed,
                 "pool",
+                drawable=pool_styles(name, unique, universe, held_out, ref),
             )
         )
-    # retrieval: clean captions (noise would blur the metric), its own content stream
+    # retrieval: clean captions (noise would blur the metric), its own content stream, and
+    # only drawings no pool holds
+    retrieval_universe = sorted(retrieval)
     plans.append(
         caption_plan(
             "retrieval",
             "retrieval",
-            list(dict.fromkeys(world.diverse_styles)),
-            universe,
+            sorted(set(retrieval.values())),
+            retrieval_universe,
             catalog,
             world.retrieval_size,
             0.0,
             seed,
             "retrieval",
+            drawable={key: [style] for key, style in retrieval.items()},
         )
     )
     return plans
@@ -324,6 +403,7 @@ class Renderer:
             "category": meta.category,
             "subcategory": meta.subcategory,
             "style": spec.style,
+            "drawing": drawing_id(spec.key, family_of(spec.style, self.world.reference_style)),
             "split": spec.dataset,
             "index": spec.index,
             "seed": spec.seed,
@@ -361,7 +441,8 @@ def write_plan(
             "seed": seed,
             "generator": "clipshift.data.world",
             "emoji": len({s.key for s in plan.samples}),
-        },
+        }
+        | ({"shift_group": shift_group(plan.styles[0], world)} if plan.role == "shift" else {}),
     )
     with ShardWriter(out_dir / plan.name, info, shard_size=world.shard_size) as writer:
         for spec in tqdm(plan.samples, desc=plan.name, disable=not progress, leave=False):
