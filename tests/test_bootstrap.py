@@ -64,9 +64,7 @@ def test_models_without_counts_stay_fixed_and_rows_follow_the_requested_order():
     assert np.all(table[:, 2, 0] == 0.9)
     draws = class_weights(2, 200, seed=1)
     np.testing.assert_allclose(table[:, 0, 0], (2 * draws[:, 0]) / (2 * draws.sum(1)))
-    np.testing.assert_allclose(
-        table[:, 1, 0], (draws[:, 0] + 2 * draws[:, 1]) / (2 * draws.sum(1))
-    )
+    np.testing.assert_allclose(table[:, 1, 0], (draws[:, 0] + 2 * draws[:, 1]) / (2 * draws.sum(1)))
 
 
 def test_counts_from_predictions_and_their_file_round_trip(tmp_path):
@@ -119,7 +117,8 @@ def test_intervals_cover_the_population_accuracy_about_95_percent_of_the_time():
         dlo, dhi = ci95(table[:, 1, 0] - table[:, 0, 0])
         hits_diff += dlo <= truth_diff <= dhi
         # the same difference if each model had its own class draws (not paired)
-        other = replicate_table(counts, counts.accuracy(), ["m0", "m1"], ["d0"], 400, 10_000 + trial)
+        point = counts.accuracy()
+        other = replicate_table(counts, point, ["m0", "m1"], ["d0"], 400, 10_000 + trial)
         ulo, uhi = ci95(other[:, 1, 0] - table[:, 0, 0])
         widths.append((dhi - dlo, uhi - ulo))
     assert 0.90 <= hits / trials <= 0.99
