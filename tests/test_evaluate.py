@@ -303,7 +303,7 @@ def test_stages_end_to_end(world):
     with open(world / "plots" / "table.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(metrics["models"]) and "er_shift-a" in rows[0]
-    for name in ("shift-a", "shift-b", "avg"):
+    for name in ("shift-a", "shift-b", "avg", "group-natural", "group-natural-covered"):
         assert (
             world / "plots" / "scatter" / f"effective_robustness_{name}.png"
         ).stat().st_size > 1000

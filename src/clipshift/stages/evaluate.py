@@ -449,6 +449,20 @@ def _write_outputs(
     for shift in [*shifts, "avg"]:
         path = scatter_dir / f"effective_robustness_{shift}.png"
         plots.plot_effective_robustness(view, shift, path, cfg.transform)
+    for group in summary.get("group_fit", {}):
+        path = scatter_dir / f"effective_robustness_group-{group}.png"
+        plots.plot_effective_robustness(_group_view(view, group), f"group {group}", path)
+
+
+def _group_view(view: dict, group: str) -> dict:
+    """The summary as if shift group ``group``'s mean were one shift named 'group <group>'
+    (its line is the group fit), so the scatter draws it like any shift."""
+    name = f"group {group}"
+    models = {
+        mid: {**rec, "accuracy": {**rec["accuracy"], name: rec["ood_accuracy_group"][group]}}
+        for mid, rec in view["models"].items()
+    }
+    return {"models": models, "baseline_fit": {name: view["group_fit"][group]}}
 
 
 def log_summary_metrics(tracker: Tracker, summary: Mapping[str, Any]) -> None:
@@ -464,4 +478,7 @@ def log_summary_metrics(tracker: Tracker, summary: Mapping[str, Any]) -> None:
     fit = summary["baseline_fit"].get("avg")
     if fit:
         metrics.update({"baseline_fit/avg/slope": fit["slope"], "baseline_fit/avg/r2": fit["r2"]})
+    for fid, entry in summary.get("findings", {}).items():
+        metrics[f"findings/{fid}/value"] = entry["value"]
+        metrics[f"findings/{fid}/ci95_lo"], metrics[f"findings/{fid}/ci95_hi"] = entry["ci95"]
     tracker.log_metrics(metrics)
