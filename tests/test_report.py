@@ -122,6 +122,7 @@ def test_readme_table_is_generated_between_the_markers(tmp_path, sources):
         "| `finetune_loses_robustness` | 0.040 | [-0.010, 0.090] | ci95 lower bound > 0 | **no** |"
         in lines
     )
+    assert r"| ci95 contains 0, or \|value\| ≤ 0.02 | **no** |" in table  # pipes escaped
     assert lines[-2].startswith("| `unseen_style_robustness` | -0.010 |") and lines[-2].endswith(
         "| — |"
     )

@@ -155,6 +155,10 @@ def _ordered(findings: Mapping[str, Any]) -> list[str]:
     return sorted(findings, key=lambda fid: (order.get(target_key(fid) or "", len(order)), fid))
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # '|value|' would split a Markdown table cell
+
+
 def _verdict(holds: bool | None) -> str:
     return "—" if holds is None else "yes" if holds else "**no**"
 
@@ -170,11 +174,11 @@ def results_table(report: Mapping[str, Any]) -> str:
         f = findings[fid]
         lo, hi = f["ci95"]
         rows.append(
-            f"| `{fid}` | {f['value']:.3f} | [{lo:.3f}, {hi:.3f}] | {f['criterion']} | "
+            f"| `{fid}` | {f['value']:.3f} | [{lo:.3f}, {hi:.3f}] | {_cell(f['criterion'])} | "
             f"{_verdict(f['holds'])} |"
         )
     for key in report.get("missing", []):
-        rows.append(f"| `{key}` | — | — | {TARGETS[key].criterion} | not computed |")
+        rows.append(f"| `{key}` | — | — | {_cell(TARGETS[key].criterion)} | not computed |")
     note = (
         "Generated from `metrics/findings.json` by `python -m clipshift.stages.report readme`; "
         "do not edit by hand."
