@@ -17,13 +17,15 @@ from flows.fetch import fetch_flow
 from flows.finetune import finetune_flow
 from flows.interpolate import interpolate_flow
 from flows.pretrain import pretrain_flow
+from flows.report import report_flow
 from flows.scaling import scaling_flow
 from flows.validate import validate_flow
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(params: PipelineConfig | None = None, run_scaling: bool = True) -> dict:
-    """fetch → validate → pretrain (each pool) → finetune → interpolate → evaluate → scaling.
+    """fetch → validate → pretrain (each pool) → finetune → interpolate → evaluate → scaling →
+    report.
 
     Without `params`, the run reads params.yaml in its working directory (deployments fill
     them in from params.yaml when deployed)."""
@@ -43,6 +45,7 @@ def pipeline_flow(params: PipelineConfig | None = None, run_scaling: bool = True
             if run_scaling
             else {}
         )
+        report_flow(config=params.report)
     finally:
         os.environ.pop("CLIPSHIFT_PIPELINE_RUN_ID", None)
     return {"evaluate": summary.get("baseline_fit", {}), "scaling": scaling.get("fits", {})}

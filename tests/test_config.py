@@ -49,6 +49,7 @@ def test_repository_params_file_is_valid_and_complete():
             "interpolate",
             "evaluate",
             "scaling",
+            "report",
         }
     )
     assert params.model_dump(by_alias=True, mode="json") == on_disk
@@ -253,3 +254,18 @@ def test_source_names_are_unique_and_not_the_worlds(tmp_path):
 def test_every_problem_is_reported_at_once(tmp_path):
     msg = load_error(tmp_path, {"finetune": {"pool": "wide", "pretrain_dir": "x"}})
     assert "finetune.pool = 'wide'" in msg and "finetune.pretrain_dir = 'x'" in msg
+
+
+def test_report_merges_the_metrics_files_evaluate_and_scaling_write(tmp_path):
+    msg = load_error(tmp_path, {"evaluate": {"metrics_path": "out/evaluate.json"}})
+    assert "evaluate.metrics_path = 'out/evaluate.json' is not in report.sources" in msg
+    both = {"metrics_path": "out/scaling.json"}
+    sources = {"sources": ["metrics/evaluate.json", "./out/scaling.json"]}
+    params = load_params(write_params(tmp_path, {"scaling": both, "report": sources}))
+    assert params.report.sources[1] == "./out/scaling.json"
+
+
+def test_evaluate_bootstrap_and_chance_multiple_are_bounded(tmp_path):
+    assert "evaluate.bootstrap" in load_error(tmp_path, {"evaluate": {"bootstrap": 5}})
+    msg = load_error(tmp_path, {"evaluate": {"baseline_min_chance_multiple": -1}})
+    assert "evaluate.baseline_min_chance_multiple" in msg

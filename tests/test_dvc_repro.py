@@ -70,6 +70,7 @@ def test_stage_list_shows_every_stage(repo_copy):
         "interpolate",
         "evaluate",
         "scaling",
+        "report",
     ]
 
 
@@ -106,6 +107,8 @@ def test_whole_study_end_to_end(repo_copy):
     for model in evaluate["models"].values():
         assert 0.0 <= model["id_accuracy"] <= 1.0
         assert set(model["effective_robustness"]) == set(evaluate["baseline_fit"]) - {"avg"}
+    findings = json.loads((dest / "metrics/findings.json").read_text())["findings"]
+    assert "baselines_on_line" in findings and "criterion" in findings["baselines_on_line"]
     scaling = json.loads((dest / "metrics/scaling.json").read_text())
     assert scaling["fits"] and len(scaling["runs"]) >= 3
     status = _run(["dvc", "status"], dest, env).stdout

@@ -16,8 +16,9 @@ from clipshift.classifier import ImageClassifier, make_head, save_classifier
 from clipshift.config import BaselineSpec, EvaluateConfig, FinetuneConfig, InterpolateConfig
 from clipshift.data.shards import DatasetInfo, ShardWriter
 from clipshift.errors import DataError
+from clipshift.methods.bootstrap import read_counts
 from clipshift.methods.clip_eval import retrieval_recall
-from clipshift.methods.knn import save_knn
+from clipshift.methods.knn import knn_predict, save_knn
 from clipshift.methods.metrics import accuracy, recall_at_k
 from clipshift.registry import ModelEntry, read_indices, write_index
 from clipshift.stages import evaluate as ev
@@ -97,6 +98,10 @@ def test_index_round_trip_and_unique_ids(tmp_path):
 # evaluation with shared towers
 
 
+def accuracy_of(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((scores.argmax(1) == labels).float().mean())
+
+
 def test_models_sharing_a_tower_share_feature_passes(tmp_path, monkeypatch):
     bundle = tiny_bundle(seed=5)
     zs = zs_classifier(bundle)
@@ -139,7 +144,9 @@ def test_models_sharing_a_tower_share_feature_passes(tmp_path, monkeypatch):
     for model, mid in [(zs, "z"), (probe, "l"), (ft, "f")]:
         assert acc[mid]["test"] == pytest.approx(accuracy(model, test))
         assert acc[mid]["shift"] == pytest.approx(accuracy(model, shift))
-    assert acc["k"]["test"] == 1.0 or 0.0 <= acc["k"]["test"] <= 1.0
+    # the k-NN model by hand: its bank, k=3 and T=0.07 on the shared tower's test features
+    votes = knn_predict(bank, train.labels, extract_features(zs.visual, test.images), 3, 4, 0.07)
+    assert acc["k"]["test"] == pytest.approx(accuracy_of(votes, test.labels))
     assert set(acc["k"]) == {"test", "shift"}
 
 
@@ -147,8 +154,15 @@ def test_models_sharing_a_tower_share_feature_passes(tmp_path, monkeypatch):
 # end to end on a tiny world
 
 
-def _write_labelled(root, name, role, data, captions=False):
-    info = DatasetInfo(name=name, role=role, num_samples=0, classes=list(CLASSES), image_size=32)
+def _write_labelled(root, name, role, data, captions=False, extra=None):
+    info = DatasetInfo(
+        name=name,
+        role=role,
+        num_samples=0,
+        classes=list(CLASSES),
+        image_size=32,
+        extra=extra or {},
+    )
     with ShardWriter(root / name, info, shard_size=1000) as writer:
         for key, img, label in zip(data.keys, data.images, data.labels.tolist(), strict=True):
             sample = {"__key__": key, "png": Image.fromarray(img.permute(1, 2, 0).numpy())}
@@ -173,7 +187,11 @@ def world(tmp_path_factory):
             ("shift-b", "shift"),
         ]
     ):
-        _write_labelled(data, name, role, toy_data(8 if name == "train" else 4, seed=10 + i))
+        # shift-a carries no tag (it counts as natural-unseen), shift-b a style-covered one
+        extra = {"shift_group": "natural-covered"} if name == "shift-b" else None
+        _write_labelled(
+            data, name, role, toy_data(8 if name == "train" else 4, seed=10 + i), extra=extra
+        )
     _write_labelled(data, "retrieval", "retrieval", toy_data(3, seed=20), captions=True)
     for seed, pool in [(0, "diverse"), (1, "narrow")]:
         bundle = tiny_bundle(seed=seed)
@@ -232,8 +250,10 @@ def test_stages_end_to_end(world):
         )
     )
     assert set(inter["end_to_end"]["val_accuracy"]) == {"0", "0.5", "1"}
-    assert inter["end_to_end"]["chosen_wise_alpha"] in (0.0, 0.5, 1.0)
-    assert inter["linear"]["chosen_wise_alpha"] in (0.0, 0.5, 1.0)
+    for variant in ("end_to_end", "linear"):  # the best on val; ties go to the smaller α
+        val = inter[variant]["val_accuracy"]
+        best = min(float(a) for a, v in val.items() if v == max(val.values()))
+        assert inter[variant]["chosen_wise_alpha"] == best, variant
     assert set(inter["soups"]) == {"uniform", "greedy"}
     val_accs = [ft["models"][f"finetuned-diverse-{i}"]["val_accuracy"] for i in range(2)]
     assert inter["soups"]["greedy"]["val_accuracy"] >= max(val_accs)
@@ -247,6 +267,8 @@ def test_stages_end_to_end(world):
         external_baselines=str(world / "external.csv"),
         retrieval_ks=[1, 5],
         batch_size=64,
+        out_dir=str(world / "evaluate"),
+        bootstrap=200,
     )
     summary = ev.run_evaluate(cfg, progress=False)
     metrics = json.loads((world / "metrics" / "evaluate.json").read_text())
@@ -273,10 +295,65 @@ def test_stages_end_to_end(world):
         metrics["models"]["wiseft-diverse-a0"]["accuracy"]
         == metrics["models"]["zeroshot-diverse"]["accuracy"]
     )
+    # evaluate scores val independently of interpolate: the same sweep accuracies
+    for alpha, val in inter["end_to_end"]["val_accuracy"].items():
+        rec = metrics["models"][f"wiseft-diverse-a{alpha}"]
+        assert rec["accuracy"]["val"] == pytest.approx(val, abs=1e-6)
+    _check_robustness_outputs(world, metrics, summary)
     with open(world / "plots" / "table.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(metrics["models"]) and "er_shift-a" in rows[0]
-    for name in ("shift-a", "shift-b", "avg"):
+    for name in ("shift-a", "shift-b", "avg", "group-natural", "group-natural-covered"):
         assert (
             world / "plots" / "scatter" / f"effective_robustness_{name}.png"
         ).stat().st_size > 1000
+
+
+def _check_robustness_outputs(world, metrics, summary):
+    """Shift groups from dataset.json, intervals, the per-class counts and the findings."""
+    assert metrics["shift_groups"] == {"shift-a": "natural-unseen", "shift-b": "natural-covered"}
+    assert metrics["groups"] == {
+        "natural-covered": ["shift-b"],
+        "natural-unseen": ["shift-a"],
+        "natural": ["shift-a", "shift-b"],
+    }
+    assert set(metrics["group_fit"]) == set(metrics["groups"])
+    assert metrics["bootstrap"] == {
+        "unit": "class",
+        "replicates": 200,
+        "seed": 0,
+        "num_classes": 4,
+        "fixed_models": ["external/ref1", "external/ref2", "external/ref3"],
+    }
+    # the per-class counts add up to every accuracy the stage reports
+    counts = read_counts(world / "evaluate" / "per_class.json")
+    for i, mid in enumerate(counts.models):
+        for j, name in enumerate(counts.datasets):
+            ratio = counts.correct[i, j].sum() / counts.total[j].sum()
+            assert metrics["models"][mid]["accuracy"][name] == pytest.approx(ratio, abs=1e-6)
+    rec = metrics["models"]["zeroshot-diverse"]
+    lo, hi = rec["ci95"]["id_accuracy"]
+    assert lo <= rec["id_accuracy"] <= hi
+    assert set(rec["ci95"]["effective_robustness_group"]) == set(metrics["groups"])
+    # external rows are fixed across replicates: a zero-width interval
+    ext = metrics["models"]["external/ref2"]["ci95"]["id_accuracy"]
+    assert ext == [0.6, 0.6]
+    findings = metrics["findings"]
+    assert set(findings) == {
+        "baselines_on_line",
+        "zeroshot_above_line",
+        "finetune_loses_robustness",
+        "wiseft_beats_both",
+        "diverse_beats_narrow",
+        "unseen_style_robustness",
+    }  # no supervised-diverse model: language_not_the_cause is left out
+    for entry in findings.values():
+        assert entry["ci95"][0] <= entry["ci95"][1]
+    zs_er = rec["effective_robustness_group"]
+    assert findings["zeroshot_above_line"]["value"] == pytest.approx(zs_er["natural-covered"])
+    assert findings["unseen_style_robustness"]["value"] == pytest.approx(zs_er["natural-unseen"])
+    ft = metrics["models"]["wiseft-diverse-a1"]["effective_robustness_group"]["natural"]
+    assert findings["finetune_loses_robustness"]["value"] == pytest.approx(zs_er["natural"] - ft)
+    wise = findings["wiseft_beats_both"]
+    assert wise["model"] == summary["selected"]["wiseft_end-to-end"]
+    assert wise["fixed_alpha"]["alpha"] == 0.5

@@ -8,15 +8,20 @@ import numpy as np
 import pytest
 
 from clipshift.errors import DataError
+from clipshift.methods.bootstrap import PerClassCounts, replicate_table
 from clipshift.methods.robustness import (
     EPS,
     EXTERNAL_PREFIX,
     BaselineFit,
+    analyse,
+    build_study,
     effective_robustness,
     fit_baseline,
+    fit_lines,
     from_axis,
     load_external_baselines,
     predict_ood,
+    study_summary,
     summarise,
     to_axis,
 )
@@ -167,10 +172,12 @@ def test_summarise_contract():
     models = _models()
     out = summarise(models, "test", SHIFTS, [m for m in models if m.startswith("base")])
     json.dumps(out, allow_nan=False)  # plain JSON, no NaN
-    assert set(out) == {"models", "baseline_fit"}
+    assert set(out) == {"models", "baseline_fit", "group_fit", "groups", "baselines"}
     assert set(out["baseline_fit"]) == {*SHIFTS, "avg"}
-    for fit in out["baseline_fit"].values():
-        assert set(fit) == {"slope", "intercept", "r2", "transform"}
+    for fit in [*out["baseline_fit"].values(), *out["group_fit"].values()]:
+        assert set(fit) == {"slope", "intercept", "r2", "transform", "n", "residual_signs"}
+    # untagged shifts are natural and unseen; "natural" is every natural shift
+    assert out["groups"] == {"natural-unseen": SHIFTS, "natural": SHIFTS}
     assert out["baseline_fit"]["shift-a"]["slope"] == pytest.approx(0.9, abs=1e-6)
     rec = out["models"]["wise0.5"]
     assert set(rec) == {
@@ -182,6 +189,9 @@ def test_summarise_contract():
         "ood_accuracy_avg",
         "effective_robustness",
         "effective_robustness_avg",
+        "ood_accuracy_group",
+        "effective_robustness_group",
+        "extrapolated",
     }
     assert (rec["kind"], rec["pool"], rec["wise_alpha"], rec["id_accuracy"]) == (
         "wiseft",
@@ -230,3 +240,166 @@ def test_summarise_errors():
     del models["wise1.0"]["accuracy"]["shift-b"]
     with pytest.raises(DataError, match="wise1.0"):
         summarise(models, "test", SHIFTS, ["base0", "base1"])
+
+
+# --------------------------------------------------------------------------------------------
+# batched fits, baselines that define a line, shift groups
+
+
+def test_batched_fits_equal_one_fit_per_row():
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(0.1, 0.9, (7, 9)), rng.uniform(0.05, 0.6, (7, 9))
+    slope, intercept, r2 = fit_lines(to_axis(x), to_axis(y))
+    for i in range(7):
+        fit = fit_baseline(x[i], y[i])
+        assert (slope[i], intercept[i], r2[i]) == pytest.approx(
+            (fit.slope, fit.intercept, fit.r2), abs=1e-12
+        )
+        np.testing.assert_allclose(fit.slope, np.polyfit(to_axis(x[i]), to_axis(y[i]), 1)[0])
+    assert np.isnan(fit_lines(np.ones((1, 3)), np.arange(3.0)[None])[0][0])  # flat x: no line
+
+
+def _family(extra=()):
+    """Baselines on slope 0.6 / intercept -1.9 (logit), plus (id, shift-a, shift-b) extras."""
+    models = {}
+    for i, acc in enumerate(np.linspace(0.2, 0.8, 6)):
+        ood = float(_on_line(acc, 0.6, -1.9))
+        models[f"base{i}"] = {"kind": "baseline", "accuracy": {"test": acc, "shift-a": ood,
+                                                               "shift-b": ood}}  # fmt: skip
+    for name, (i, a, b) in extra:
+        models[name] = {"kind": "baseline", "accuracy": {"test": i, "shift-a": a, "shift-b": b}}
+    return models
+
+
+def test_near_chance_baselines_leave_the_fit_and_the_true_slope_returns():
+    # ID 1.1 % and 3.6 % of 100 classes, shift accuracy on a floor above the line: a tilt
+    models = _family([("chance0", (0.011, 0.03, 0.03)), ("chance1", (0.036, 0.03, 0.03))])
+    ids = list(models)
+    tilted = summarise(models, "test", SHIFTS, ids)
+    assert tilted["baseline_fit"]["shift-a"]["slope"] < 0.55  # pulled down by the two
+    assert tilted["baselines"]["excluded"] == []
+    out = summarise(models, "test", SHIFTS, ids, num_classes=100, min_chance_multiple=5)
+    fit = out["baseline_fit"]["shift-a"]
+    assert fit["slope"] == pytest.approx(0.6, abs=1e-9) and fit["n"] == 6
+    base = out["baselines"]
+    assert base["excluded"] == ["chance0", "chance1"]
+    assert base["chance"] == 0.01 and base["min_id_accuracy"] == pytest.approx(0.05)
+    assert base["fitted"] == [f"base{i}" for i in range(6)]  # ordered by ID accuracy
+    # a world too small for the rule (5 × chance > every baseline) keeps all, and says so
+    small = summarise(models, "test", SHIFTS, ids, num_classes=4, min_chance_multiple=5)
+    assert small["baselines"]["excluded"] == [] and "not applied" in small["baselines"]["note"]
+
+
+def test_residual_signs_follow_id_order_and_show_curvature():
+    # logit(shift) = 0.5·x + x²/4 at x = -2..2: a convex family, residuals + - - - +
+    x = np.arange(-2.0, 3.0)
+    models = {}
+    for i, xi in enumerate(x[::-1]):  # inserted in reverse ID order
+        acc = {"test": float(from_axis(xi)), "shift-a": float(from_axis(0.5 * xi + xi**2 / 4))}
+        acc["shift-b"] = float(from_axis(0.5 * xi))
+        models[f"b{i}"] = {"kind": "baseline", "accuracy": acc}
+    out = summarise(models, "test", SHIFTS, list(models))
+    assert out["baseline_fit"]["shift-a"]["residual_signs"] == "+---+"
+    assert out["baseline_fit"]["shift-b"]["residual_signs"] == "00000"  # on the line
+
+
+def test_models_above_the_best_baseline_are_flagged_as_extrapolated():
+    models = _family([])
+    models["strong"] = {"kind": "finetuned", "accuracy": {"test": 0.9, "shift-a": 0.5,
+                                                          "shift-b": 0.5}}  # fmt: skip
+    models["inside"] = {"kind": "zeroshot", "accuracy": {"test": 0.5, "shift-a": 0.3,
+                                                         "shift-b": 0.3}}  # fmt: skip
+    out = summarise(models, "test", SHIFTS, [f"base{i}" for i in range(6)])
+    assert out["models"]["strong"]["extrapolated"] is True
+    assert out["models"]["inside"]["extrapolated"] is False
+    assert out["baselines"]["extrapolated"] == ["strong"]
+    assert out["baselines"]["max_id_accuracy"] == pytest.approx(0.8)
+
+
+def test_group_er_is_taori_style_on_group_means():
+    shifts = ["s-cov", "s-uns", "s-syn"]
+    tags = {"s-cov": "natural-covered", "s-syn": "synthetic"}  # s-uns untagged: unseen
+    rng = np.random.default_rng(2)
+    models = {
+        f"m{i}": {
+            "kind": "baseline" if i < 6 else "zeroshot",
+            "accuracy": {
+                "test": rng.uniform(0.2, 0.9),
+                **{s: rng.uniform(0.05, 0.6) for s in shifts},
+            },
+        }
+        for i in range(8)
+    }
+    base = [f"m{i}" for i in range(6)]
+    out = summarise(models, "test", shifts, base, shift_groups=tags)
+    assert out["groups"] == {
+        "natural-covered": ["s-cov"],
+        "natural-unseen": ["s-uns"],
+        "synthetic": ["s-syn"],
+        "natural": ["s-cov", "s-uns"],
+    }
+    natural = ["s-cov", "s-uns"]
+    mean = {m: np.mean([r["accuracy"][s] for s in natural]) for m, r in models.items()}
+    fit = fit_baseline([models[b]["accuracy"]["test"] for b in base], [mean[b] for b in base])
+    rec = out["models"]["m7"]
+    assert rec["ood_accuracy_group"]["natural"] == pytest.approx(mean["m7"])
+    assert rec["effective_robustness_group"]["natural"] == pytest.approx(
+        effective_robustness(fit, rec["id_accuracy"], mean["m7"])
+    )
+    assert out["group_fit"]["natural"]["slope"] == pytest.approx(fit.slope)
+    # a one-shift group's line is that shift's line
+    assert rec["effective_robustness_group"]["synthetic"] == pytest.approx(
+        rec["effective_robustness"]["s-syn"]
+    )
+    with pytest.raises(DataError, match="unknown shift_group"):
+        summarise(models, "test", shifts, base, shift_groups={"s-cov": "natural"})
+
+
+# --------------------------------------------------------------------------------------------
+# the phenomenon, with class-bootstrap intervals
+
+
+def _latent_family(classes: int = 100, per_class: int = 10):
+    """Per-class counts of a model family (shared class difficulty, binomial images):
+    baselines whose shift logit is 0.7·θ − 1.2 per class, one model 1.0 logit above, one on."""
+    rng = np.random.default_rng(0)
+    d_id, d_shift = rng.normal(0, 0.8, classes), rng.normal(0, 0.8, classes)
+    thetas = {f"base{i}": t for i, t in enumerate(np.linspace(-1.0, 2.0, 8))}
+    thetas.update({"above": 0.5, "on": 0.7})
+    correct, accuracy = [], {}
+    for name, theta in thetas.items():
+        lift = 1.0 if name == "above" else 0.0
+        p_id = from_axis(theta + d_id)
+        p_shift = from_axis(0.7 * theta - 1.2 + lift + d_shift)
+        rows = rng.binomial(per_class, np.stack([p_id, p_shift]))
+        correct.append(rows)
+        acc = rows.sum(1) / (per_class * classes)
+        accuracy[name] = dict(zip(["test", "shift-a"], acc, strict=True))
+    counts = PerClassCounts(
+        list(thetas), ["test", "shift-a"], np.stack(correct), np.full((2, classes), per_class)
+    )
+    records = {m: {"kind": "baseline" if m.startswith("base") else "x", "accuracy": a}
+               for m, a in accuracy.items()}  # fmt: skip
+    return records, counts
+
+
+def test_a_model_above_the_line_has_er_with_ci_above_zero_and_one_on_it_contains_zero():
+    records, counts = _latent_family()
+    study = build_study(records, "test", ["shift-a"], [m for m in records if "base" in m])
+    point = analyse(study.table(), study)
+    replicates = replicate_table(counts, study.table(), study.models, study.datasets, 1000, 0)
+    out = study_summary(study, point, analyse(replicates, study))
+    assert out["baseline_fit"]["shift-a"]["r2"] > 0.95
+    above, on = out["models"]["above"], out["models"]["on"]
+    er, (lo, hi) = (
+        above["effective_robustness"]["shift-a"],
+        above["ci95"]["effective_robustness"]["shift-a"],
+    )
+    assert er > 0.1 and lo > 0
+    er, (lo, hi) = (
+        on["effective_robustness"]["shift-a"],
+        on["ci95"]["effective_robustness"]["shift-a"],
+    )
+    assert abs(er) < 0.02 and lo < 0 < hi
+    lo, hi = out["baseline_fit"]["shift-a"]["r2_ci95"]
+    assert 0.8 < lo <= hi <= 1.0

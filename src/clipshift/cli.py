@@ -16,7 +16,16 @@ from pathlib import Path
 
 from clipshift.errors import ClipshiftError
 
-STAGES = ("fetch", "validate", "pretrain", "finetune", "interpolate", "evaluate", "scaling")
+STAGES = (
+    "fetch",
+    "validate",
+    "pretrain",
+    "finetune",
+    "interpolate",
+    "evaluate",
+    "scaling",
+    "report",
+)
 
 
 def _quiet_defaults() -> None:

@@ -544,8 +544,45 @@ class EvaluateConfig(StrictModel):
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="MLflow registry name (clipshift-<task>); the chosen model gets @champion.",
     )
+    out_dir: str = Field(
+        "data/evaluate",
+        description="Per-class correct counts of every model on every eval set "
+        "(per_class.json): what the class-level bootstrap resamples.",
+    )
+    bootstrap: int = Field(
+        1000,
+        ge=10,
+        le=100000,
+        description="Class-bootstrap replicates behind every 95 % interval (classes are drawn "
+        "with replacement, the same draw for all models and sets).",
+    )
+    bootstrap_seed: int = Field(0, ge=0, description="Seed of the class draws.")
+    baseline_min_chance_multiple: float = Field(
+        5.0,
+        ge=0,
+        description="Baselines with ID accuracy below this multiple of chance (1/classes) are "
+        "left out of the line fit: near-chance points tilt a logit line.",
+    )
 
     _external_exists = field_validator("external_baselines")(check_existing_path)
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+class ReportConfig(StrictModel):
+    sources: list[str] = Field(
+        default_factory=lambda: ["metrics/evaluate.json", "metrics/scaling.json"],
+        min_length=1,
+        description="Metrics files whose 'findings' are merged (each stage writes its own).",
+    )
+    findings_path: str = Field(
+        "metrics/findings.json", description="Every finding with its criterion and verdict."
+    )
+    readme: str = Field(
+        "README.md", description="`clipshift readme` rewrites its results table between markers."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,6 +648,7 @@ class PipelineConfig(StrictModel):
     interpolate: InterpolateConfig
     evaluate: EvaluateConfig
     scaling: ScalingConfig
+    report: ReportConfig
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
@@ -692,6 +730,12 @@ def cross_section_problems(p: PipelineConfig) -> list[str]:
                 f"(evaluate reads <models_dir>/*/index.json); set {key} to "
                 f"'{os.path.join(models, os.path.basename(os.path.normpath(out)))}' or "
                 "evaluate.models_dir to its parent"
+            )
+    for key in ("evaluate.metrics_path", "scaling.metrics_path"):
+        if not any(_same_path(p.value(key), src) for src in p.report.sources):
+            problems.append(
+                f"{key} = '{p.value(key)}' is not in report.sources {p.report.sources}: the "
+                f"report merges the findings {key.split('.')[0]} writes; add it to report.sources"
             )
     # pools: finetune adapts a model pretrain trained; pretrain and scaling read fetch's pools
     if p.finetune.pool not in p.pretrain.pools:

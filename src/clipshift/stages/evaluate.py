@@ -35,8 +35,9 @@ from clipshift.data.loaders import load_captioned, load_labelled, read_exclude
 from clipshift.data.shards import load_info
 from clipshift.errors import DataError
 from clipshift.io_utils import write_json_atomic
-from clipshift.methods import robustness
+from clipshift.methods import bootstrap, robustness
 from clipshift.methods.clip_eval import retrieval_recall
+from clipshift.methods.findings import compute_findings
 from clipshift.methods.knn import knn_predict, load_knn
 from clipshift.methods.metrics import masked_argmax
 from clipshift.models import load_pretrained
@@ -45,6 +46,8 @@ from clipshift.registry import ModelEntry, find_pools, read_indices
 from clipshift.tracking_api import NullTracker, Tracker
 
 ID_DATASET = "test"
+#: The per-class counts file in ``evaluate.out_dir`` (a DVC out: the bootstrap's input).
+PER_CLASS_FILE = "per_class.json"
 EVAL_ROLES = ("val", "test", "shift")
 
 
@@ -105,6 +108,7 @@ def evaluate_models(
     progress: bool = False,
     stats: dict[str, int] | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
+    predictions: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{model_id: {dataset: top-1 accuracy}}`` for every entry on every dataset.
 
@@ -113,6 +117,8 @@ def evaluate_models(
     group's tower is loaded again for its feature passes. ``stats`` (if given) receives
     ``feature_passes`` and ``towers``. ``masks[dataset]`` (bool per class) restricts the
     prediction to a class subset, as ImageNet-R/-A are scored over their 200 classes only.
+    ``predictions`` (if given) receives every model's predicted class per example,
+    ``{model_id: {dataset: tensor}}`` (the per-class counts of the bootstrap come from them).
 
     Under torchrun each rank scores its own run of whole batches of every dataset
     (:func:`clipshift.distributed.shard_range`) and the predictions are gathered, so every
@@ -140,6 +146,8 @@ def evaluate_models(
             for s in scorers:
                 pred = torch.cat([part[s.entry.id] for part in D.all_gather_object(local)])
                 results[s.entry.id][name] = float((pred == labels).float().mean())
+                if predictions is not None:
+                    predictions.setdefault(s.entry.id, {})[name] = pred
             if bar is not None:
                 bar.update(1)
         del visual
@@ -189,10 +197,34 @@ def _records(entries: Sequence[ModelEntry], acc: Mapping[str, Mapping[str, float
             "kind": e.kind,
             "pool": e.pool,
             "wise_alpha": e.wise_alpha,
+            "variant": e.extra.get("variant"),
             "accuracy": dict(acc[e.id]),
         }
         for e in entries
     }
+
+
+def shift_groups(data_dir: str | Path, shifts: Sequence[str]) -> dict[str, str]:
+    """Each shift's tag from its dataset.json ``extra.shift_group``; an untagged shift is
+    ``natural-unseen`` (:data:`~clipshift.methods.robustness.DEFAULT_SHIFT_GROUP`)."""
+    return {
+        s: load_info(Path(data_dir) / s).extra.get("shift_group", robustness.DEFAULT_SHIFT_GROUP)
+        for s in shifts
+    }
+
+
+def per_class_counts(
+    predictions: Mapping[str, Mapping[str, torch.Tensor]], datasets: Mapping[str, Any]
+) -> bootstrap.PerClassCounts:
+    """Correct predictions per class of every model on every eval set (the bootstrap's input)."""
+    num_classes = max(
+        len(d.classes) if d.classes else int(d.labels.max()) + 1 for d in datasets.values()
+    )
+    return bootstrap.from_predictions(
+        {m: {d: p.numpy() for d, p in by_set.items()} for m, by_set in predictions.items()},
+        {name: d.labels.numpy() for name, d in datasets.items()},
+        num_classes,
+    )
 
 
 def _plot_view(summary: dict, variants: Mapping[str, str]) -> dict:
@@ -309,12 +341,16 @@ def run_evaluate(
     if not entries:
         raise DataError(f"no models indexed under {cfg.models_dir}/*/index.json; run finetune")
     stats: dict[str, int] = {}
+    preds: dict[str, dict[str, torch.Tensor]] = {}
     acc = evaluate_models(
-        entries, datasets, cfg.batch_size, dist.device, progress and dist.is_main, stats, masks
-    )
+        entries, datasets, cfg.batch_size, dist.device, progress and dist.is_main, stats, masks,
+        preds,
+    )  # fmt: skip
     summary = None
     if dist.is_main:
-        summary = _summarise(cfg, entries, acc, roles, id_name, datasets, dist.device)
+        counts = per_class_counts(preds, datasets)
+        bootstrap.write_counts(Path(cfg.out_dir) / PER_CLASS_FILE, counts)
+        summary = _summarise(cfg, entries, acc, roles, id_name, datasets, dist.device, counts)
         summary["class_subsets"] = {n: int(m.sum()) for n, m in masks.items()}
         summary["world_size"] = dist.world_size
         summary["evaluate_seconds"] = round(time.perf_counter() - t0, 2)
@@ -332,6 +368,7 @@ def _summarise(
     id_name: str,
     datasets: Mapping[str, Any],
     device: torch.device,
+    counts: bootstrap.PerClassCounts,
 ) -> dict:
 
     shifts = sorted(n for n, r in roles.items() if r == "shift")
@@ -341,7 +378,8 @@ def _summarise(
         if cfg.external_baselines
         else None
     )
-    summary = robustness.summarise(
+    groups = shift_groups(cfg.data_dir, shifts)
+    study = robustness.build_study(
         _records(entries, acc),
         id_name,
         shifts,
@@ -349,18 +387,48 @@ def _summarise(
         cfg.transform,
         external,
         cfg.external_mode,
+        shift_groups=groups,
+        num_classes=counts.num_classes,
+        min_chance_multiple=cfg.baseline_min_chance_multiple,
     )
-    for e in entries:
-        if "variant" in e.extra:
-            summary["models"][e.id]["variant"] = e.extra["variant"]
+    summary = _robustness_summary(cfg, study, counts, entries)
+    summary["shift_groups"] = groups
     summary["retrieval"] = run_retrieval(cfg, device)
     summary["id_dataset"], summary["shifts"] = id_name, shifts
     summary["num_examples"] = {name: len(d.labels) for name, d in datasets.items()}
+    return summary
+
+
+def _robustness_summary(
+    cfg: EvaluateConfig,
+    study: robustness.Study,
+    counts: bootstrap.PerClassCounts,
+    entries: Sequence[ModelEntry],
+) -> dict:
+    """Lines, ERs and findings, each with its class-bootstrap interval."""
+    table = study.table()
+    point = robustness.analyse(table, study)
+    replicates = bootstrap.replicate_table(
+        counts, table, study.models, study.datasets, cfg.bootstrap, cfg.bootstrap_seed
+    )
+    boot = robustness.analyse(replicates, study)
+    summary = robustness.study_summary(study, point, boot)
+    for e in entries:
+        if "variant" in e.extra:
+            summary["models"][e.id]["variant"] = e.extra["variant"]
     summary["selected"] = {
         f"wiseft_{e.extra.get('variant', 'end-to-end')}": e.id
         for e in entries
         if e.extra.get("chosen")
     }
+    summary["bootstrap"] = {
+        "unit": "class",
+        "replicates": cfg.bootstrap,
+        "seed": cfg.bootstrap_seed,
+        "num_classes": counts.num_classes,
+        "fixed_models": sorted(set(study.models) - set(counts.models)),
+    }
+    summary["findings"] = compute_findings(study, point, boot, summary["selected"])
     return summary
 
 
@@ -381,6 +449,20 @@ def _write_outputs(
     for shift in [*shifts, "avg"]:
         path = scatter_dir / f"effective_robustness_{shift}.png"
         plots.plot_effective_robustness(view, shift, path, cfg.transform)
+    for group in summary.get("group_fit", {}):
+        path = scatter_dir / f"effective_robustness_group-{group}.png"
+        plots.plot_effective_robustness(_group_view(view, group), f"group {group}", path)
+
+
+def _group_view(view: dict, group: str) -> dict:
+    """The summary as if shift group ``group``'s mean were one shift named 'group <group>'
+    (its line is the group fit), so the scatter draws it like any shift."""
+    name = f"group {group}"
+    models = {
+        mid: {**rec, "accuracy": {**rec["accuracy"], name: rec["ood_accuracy_group"][group]}}
+        for mid, rec in view["models"].items()
+    }
+    return {"models": models, "baseline_fit": {name: view["group_fit"][group]}}
 
 
 def log_summary_metrics(tracker: Tracker, summary: Mapping[str, Any]) -> None:
@@ -396,4 +478,7 @@ def log_summary_metrics(tracker: Tracker, summary: Mapping[str, Any]) -> None:
     fit = summary["baseline_fit"].get("avg")
     if fit:
         metrics.update({"baseline_fit/avg/slope": fit["slope"], "baseline_fit/avg/r2": fit["r2"]})
+    for fid, entry in summary.get("findings", {}).items():
+        metrics[f"findings/{fid}/value"] = entry["value"]
+        metrics[f"findings/{fid}/ci95_lo"], metrics[f"findings/{fid}/ci95_hi"] = entry["ci95"]
     tracker.log_metrics(metrics)

@@ -1,0 +1,44 @@
+"""Report flow: merge every stage's findings, judge each against its target, write
+metrics/findings.json (the README's results table is generated from it)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from clipshift.config import ReportConfig
+from clipshift.stages.report import run_report
+from flows._common import report_table, tracked_stage
+
+
+@flow(name="report", log_prints=True)
+def report_flow(config: ReportConfig = ReportConfig()) -> dict:
+    """Every finding with its 95 % interval, criterion and verdict."""
+    with tracked_stage("report", config) as tracker:
+        report = run_report(config)
+        findings = report["findings"]
+        tracker.log_metrics(
+            {f"findings/{fid}/value": float(f["value"]) for fid, f in findings.items()}
+            | {
+                f"findings/{fid}/holds": float(f["holds"])
+                for fid, f in findings.items()
+                if f["holds"] is not None
+            }
+        )
+        tracker.log_artifact(config.findings_path, "metrics")
+        report_table(
+            "findings",
+            [
+                {
+                    "finding": fid,
+                    "value": round(f["value"], 4),
+                    "ci95": f"[{f['ci95'][0]:.4f}, {f['ci95'][1]:.4f}]",
+                    "criterion": f["criterion"],
+                    "holds": f["holds"],
+                }
+                for fid, f in sorted(findings.items())
+            ],
+            "The study's findings: value, class-bootstrap 95 % CI, criterion and verdict",
+        )
+        for fid in report["missing"]:
+            print(f"finding {fid} was not computed by any stage")
+        return report

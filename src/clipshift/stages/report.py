@@ -1,0 +1,226 @@
+"""The report stage: every stage's findings judged against the study's targets, in one file.
+
+Each stage writes its claims under ``"findings"`` in its own metrics file (evaluate: the
+robustness claims; scaling: ``scaling_power_law_<pool>``), each entry
+``{"statement", "value", "ci95": [lo, hi], ...evidence}``. This stage merges them, adds the
+``criterion`` and the verdict ``holds`` from :data:`TARGETS` (the issue's targets table, the one
+place they are written) and writes ``metrics/findings.json``:
+``{"findings": {ID: {..., "criterion": str, "holds": bool | null}}, "missing": [ID, ...]}``
+(``holds`` is null for a finding reported without a target; ``missing`` lists targeted findings
+no stage wrote). The README's results table is generated from that file, never typed:
+``python -m clipshift.stages.report readme`` rewrites it, ``... readme --check`` fails when it
+is stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clipshift.config import ReportConfig, load_params
+from clipshift.errors import DataError
+from clipshift.io_utils import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+POOL = "<pool>"  # a target ID ending in it matches one finding per pool
+BEGIN = "<!-- findings:begin -->"
+END = "<!-- findings:end -->"
+
+
+@dataclass(frozen=True)
+class Target:
+    criterion: str
+    holds: Callable[[Mapping[str, Any]], bool] | None  # None: reported, no target
+
+
+def _lo(f: Mapping[str, Any]) -> float:
+    return float(f["ci95"][0])
+
+
+def _hi(f: Mapping[str, Any]) -> float:
+    return float(f["ci95"][1])
+
+
+#: The issue's "Targets" table (#9): what each finding must show to hold.
+TARGETS: dict[str, Target] = {
+    "baselines_on_line": Target("value ≥ 0.90", lambda f: f["value"] >= 0.90),
+    "zeroshot_above_line": Target(
+        "value ≥ 0.05 and ci95 lower bound > 0", lambda f: f["value"] >= 0.05 and _lo(f) > 0
+    ),
+    "finetune_loses_robustness": Target("ci95 lower bound > 0", lambda f: _lo(f) > 0),
+    "wiseft_beats_both": Target(
+        "value ≥ 0.02, ci95 lower bound > 0, and ID(α*) ≥ ID(1) − 0.01",
+        lambda f: f["value"] >= 0.02 and _lo(f) > 0 and f["id_gain"] >= -0.01,
+    ),
+    "diverse_beats_narrow": Target("ci95 lower bound > 0", lambda f: _lo(f) > 0),
+    "language_not_the_cause": Target(
+        "ci95 contains 0, or |value| ≤ 0.02",
+        lambda f: _lo(f) <= 0 <= _hi(f) or abs(f["value"]) <= 0.02,
+    ),
+    f"scaling_power_law_{POOL}": Target(
+        "R² ≥ 0.90 and hold-out error ≤ 0.05",
+        lambda f: f["value"] >= 0.90 and abs(f["holdout_rel_error"]) <= 0.05,
+    ),
+    "unseen_style_robustness": Target("reported (no target)", None),
+}
+
+
+def target_key(finding: str) -> str | None:
+    """The :data:`TARGETS` key of a finding ID (``scaling_power_law_diverse`` →
+    ``scaling_power_law_<pool>``), or None."""
+    if finding in TARGETS:
+        return finding
+    for key in TARGETS:
+        if key.endswith(POOL) and finding.startswith(key[: -len(POOL)]):
+            return key
+    return None
+
+
+def collect(sources: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
+    """Every ``findings`` entry of the metrics files; the same ID twice is an error."""
+    found: dict[str, dict[str, Any]] = {}
+    for source in sources:
+        path = Path(source)
+        if not path.is_file():
+            log.warning("report: %s does not exist; its findings are missing", path)
+            continue
+        entries = json.loads(path.read_text()).get("findings")
+        if entries is None:
+            log.warning("report: %s has no 'findings'", path)
+            continue
+        for fid, entry in entries.items():
+            if fid in found:
+                raise DataError(f"finding '{fid}' is written by two metrics files (one is {path})")
+            _check_entry(fid, entry, path)
+            found[fid] = dict(entry)
+    return found
+
+
+def _check_entry(fid: str, entry: Mapping[str, Any], path: Path) -> None:
+    lacking = [k for k in ("statement", "value", "ci95") if k not in entry]
+    if lacking:
+        raise DataError(f"finding '{fid}' in {path} lacks {lacking}")
+    if len(entry["ci95"]) != 2:
+        raise DataError(f"finding '{fid}' in {path}: ci95 must be [lo, hi]")
+
+
+def judge(findings: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each finding with ``criterion`` and ``holds`` from its target."""
+    out = {}
+    for fid, entry in findings.items():
+        key = target_key(fid)
+        if key is None:
+            log.warning("report: finding '%s' has no target in TARGETS", fid)
+            out[fid] = {**entry, "criterion": "no target", "holds": None}
+            continue
+        target = TARGETS[key]
+        try:
+            holds = None if target.holds is None else bool(target.holds(entry))
+        except KeyError as err:
+            raise DataError(f"finding '{fid}' lacks {err}, which its criterion reads") from None
+        out[fid] = {**entry, "criterion": target.criterion, "holds": holds}
+    return out
+
+
+def missing_targets(findings: Mapping[str, Any]) -> list[str]:
+    """Targets no finding answers (a ``<pool>`` target needs at least one pool)."""
+    answered = {target_key(fid) for fid in findings}
+    return [key for key in TARGETS if key not in answered]
+
+
+def run_report(cfg: ReportConfig) -> dict[str, Any]:
+    findings = judge(collect(cfg.sources))
+    missing = missing_targets(findings)
+    for key in missing:
+        log.warning("report: no stage wrote the finding '%s'", key)
+    report = {"findings": findings, "missing": missing}
+    write_json_atomic(cfg.findings_path, report)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# the README's results table
+
+
+def _ordered(findings: Mapping[str, Any]) -> list[str]:
+    """Findings in the targets table's order, then any others."""
+    order = {key: i for i, key in enumerate(TARGETS)}
+    return sorted(findings, key=lambda fid: (order.get(target_key(fid) or "", len(order)), fid))
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # '|value|' would split a Markdown table cell
+
+
+def _verdict(holds: bool | None) -> str:
+    return "—" if holds is None else "yes" if holds else "**no**"
+
+
+def results_table(report: Mapping[str, Any]) -> str:
+    """The Markdown table of ``metrics/findings.json`` (what sits between the markers)."""
+    findings = report["findings"]
+    rows = [
+        "| finding | value | 95% CI | criterion | holds |",
+        "|---|---|---|---|---|",
+    ]
+    for fid in _ordered(findings):
+        f = findings[fid]
+        lo, hi = f["ci95"]
+        rows.append(
+            f"| `{fid}` | {f['value']:.3f} | [{lo:.3f}, {hi:.3f}] | {_cell(f['criterion'])} | "
+            f"{_verdict(f['holds'])} |"
+        )
+    for key in report.get("missing", []):
+        rows.append(f"| `{key}` | — | — | {_cell(TARGETS[key].criterion)} | not computed |")
+    note = (
+        "Generated from `metrics/findings.json` by `python -m clipshift.stages.report readme`; "
+        "do not edit by hand."
+    )
+    return "\n".join([note, "", *rows])
+
+
+def render_readme(text: str, report: Mapping[str, Any]) -> str:
+    """``text`` with the part between :data:`BEGIN` and :data:`END` replaced by the table."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise DataError(f"the README needs one '{BEGIN}' line followed by one '{END}' line")
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    return f"{head}{BEGIN}\n{results_table(report)}\n{END}{tail}"
+
+
+def update_readme(readme: str | Path, findings_path: str | Path, check: bool = False) -> bool:
+    """Rewrite the README's results table (``check``: only compare); True when it changed."""
+    path, source = Path(readme), Path(findings_path)
+    if not source.is_file():
+        raise DataError(f"{source} does not exist; run `dvc repro report` first")
+    text = path.read_text()
+    new = render_readme(text, json.loads(source.read_text()))
+    if new != text and not check:
+        path.write_text(new)
+    return new != text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clipshift.stages.report")
+    parser.add_argument("command", choices=["readme"])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the table is stale")
+    args = parser.parse_args(argv)
+    cfg = load_params(args.params).report
+    changed = update_readme(cfg.readme, cfg.findings_path, check=args.check)
+    if args.check and changed:
+        print(f"{cfg.readme}'s results table differs from {cfg.findings_path}", file=sys.stderr)
+        return 1
+    print(f"{cfg.readme}: results table {'updated' if changed else 'up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
