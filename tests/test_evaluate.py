@@ -13,7 +13,13 @@ from PIL import Image
 
 from clipshift.checkpoints import save_open_clip_checkpoint
 from clipshift.classifier import ImageClassifier, make_head, save_classifier
-from clipshift.config import BaselineSpec, EvaluateConfig, FinetuneConfig, InterpolateConfig
+from clipshift.config import (
+    BaselineSpec,
+    EvaluateConfig,
+    FinetuneConfig,
+    InterpolateConfig,
+    SoupIngredient,
+)
 from clipshift.data.shards import DatasetInfo, ShardWriter
 from clipshift.errors import DataError
 from clipshift.methods.clip_eval import retrieval_recall
@@ -204,7 +210,7 @@ def test_stages_end_to_end(world):
             e2e_epochs=1,
             e2e_batch_size=16,
             e2e_lr=1e-3,
-            soup_lrs=[5e-4],
+            soup_ingredients=[SoupIngredient(lr=5e-4, epochs=1)] * 3,
             linear_epochs=20,
             baselines=specs,
             batch_size=64,
@@ -235,7 +241,7 @@ def test_stages_end_to_end(world):
     assert inter["end_to_end"]["chosen_wise_alpha"] in (0.0, 0.5, 1.0)
     assert inter["linear"]["chosen_wise_alpha"] in (0.0, 0.5, 1.0)
     assert set(inter["soups"]) == {"uniform", "greedy"}
-    val_accs = [ft["models"][f"finetuned-diverse-{i}"]["val_accuracy"] for i in range(2)]
+    val_accs = [ft["models"][f"finetuned-diverse-{i}"]["val_accuracy"] for i in range(4)]
     assert inter["soups"]["greedy"]["val_accuracy"] >= max(val_accs)
 
     cfg = EvaluateConfig(
