@@ -80,7 +80,7 @@ def finetune_cfg(world: Path, out: str, **kw) -> FinetuneConfig:
         e2e_epochs=2,
         e2e_batch_size=12,  # 32 train images: batches of 12, 12, 8 (uneven last batch)
         e2e_lr=1e-3,
-        soup_lrs=[],
+        soup_ingredients=[],
         linear_epochs=10,
         knn_k=3,
         baselines=[BaselineSpec(width=32, layers=1, epochs=e, fraction=1.0) for e in (1, 2, 3)],

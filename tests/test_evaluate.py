@@ -13,7 +13,13 @@ from PIL import Image
 
 from clipshift.checkpoints import save_open_clip_checkpoint
 from clipshift.classifier import ImageClassifier, make_head, save_classifier
-from clipshift.config import BaselineSpec, EvaluateConfig, FinetuneConfig, InterpolateConfig
+from clipshift.config import (
+    BaselineSpec,
+    EvaluateConfig,
+    FinetuneConfig,
+    InterpolateConfig,
+    SoupIngredient,
+)
 from clipshift.data.shards import DatasetInfo, ShardWriter
 from clipshift.errors import DataError
 from clipshift.methods.bootstrap import read_counts
@@ -222,7 +228,7 @@ def test_stages_end_to_end(world):
             e2e_epochs=1,
             e2e_batch_size=16,
             e2e_lr=1e-3,
-            soup_lrs=[5e-4],
+            soup_ingredients=[SoupIngredient(lr=5e-4, epochs=1)] * 3,
             linear_epochs=20,
             baselines=specs,
             batch_size=64,
@@ -255,7 +261,7 @@ def test_stages_end_to_end(world):
         best = min(float(a) for a, v in val.items() if v == max(val.values()))
         assert inter[variant]["chosen_wise_alpha"] == best, variant
     assert set(inter["soups"]) == {"uniform", "greedy"}
-    val_accs = [ft["models"][f"finetuned-diverse-{i}"]["val_accuracy"] for i in range(2)]
+    val_accs = [ft["models"][f"finetuned-diverse-{i}"]["val_accuracy"] for i in range(4)]
     assert inter["soups"]["greedy"]["val_accuracy"] >= max(val_accs)
 
     cfg = EvaluateConfig(

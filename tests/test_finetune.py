@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipshift.classifier import ImageClassifier, clip_classifier, make_head
+from clipshift.classifier import ImageClassifier, clip_classifier, load_classifier, make_head
 from clipshift.config import BaselineSpec
 from clipshift.data.loaders import LabelledData
 from clipshift.methods.baselines import stratified_subset, train_baselines
@@ -178,3 +178,119 @@ def test_make_head_copies_weights():
     assert head.weight.abs().sum() > 0 and torch.equal(head.bias, torch.zeros(3))
     clf = ImageClassifier(copy.deepcopy(tiny_bundle().model.visual), head)
     assert clf.num_classes == 3
+
+
+# --------------------------------------------------------------------------------------------
+# starting points (WiSE-FT): every fine-tune and the probe start from the zero-shot classifier
+
+
+def _first_forward(clf: ImageClassifier) -> dict[str, torch.Tensor]:
+    """Records the input and logits of ``clf``'s first forward call."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(_module, args, output):
+        if not seen:
+            seen["x"], seen["logits"] = args[0].detach().clone(), output.detach().clone()
+
+    clf.register_forward_hook(hook)
+    return seen
+
+
+def test_finetuning_starts_from_the_zero_shot_head():
+    zs = zs_classifier(tiny_bundle()).eval()
+    clf = copy.deepcopy(zs)
+    seen = _first_forward(clf)
+    finetune_end_to_end(clf, toy_data(4), epochs=1, lr=1e-3, batch_size=8, device="cpu")
+    with torch.no_grad():
+        expected = zs(seen["x"])  # the zero-shot classifier's logits on that very batch
+    assert torch.allclose(seen["logits"], expected, atol=1e-5)
+    # and training moved it away from there
+    assert not torch.equal(clf.head.weight, zs.head.weight)
+
+
+def test_the_stage_fine_tunes_copies_of_the_zero_shot_classifier(tmp_path, monkeypatch):
+    from clipshift.config import FinetuneConfig, SoupIngredient
+    from clipshift.stages import finetune as stage
+    from clipshift.tracking_api import NullTracker
+
+    bundle = tiny_bundle()
+    zs = zs_classifier(bundle).eval()
+    calls = []
+
+    def fake(clf, train, val, **kw):  # what each fine-tune starts from, and with what
+        calls.append(kw)
+        assert clf is not zs
+        assert all(torch.equal(v, zs.state_dict()[k]) for k, v in clf.state_dict().items())
+        with torch.no_grad():
+            clf.head.weight.add_(1.0)  # a fine-tune must not leak into the next one's start
+        return clf.eval()
+
+    monkeypatch.setattr(stage, "finetune_end_to_end", fake)
+    ingredients = [
+        SoupIngredient(lr=lr, epochs=i + 1, augment=0.5) for i, lr in enumerate([1e-4, 2e-4, 3e-4])
+    ]
+    cfg = FinetuneConfig(e2e_lr=3e-4, e2e_epochs=2, soup_ingredients=ingredients, seed=5)
+    data = toy_data(2)
+    st = stage._Stage(cfg, tmp_path, data, data, CLASSES, torch.device("cpu"), NullTracker(), False)
+    meta = {"model_config": bundle.config, "classnames": CLASSES, "pool": "diverse"}
+    stage._end_to_end(st, "diverse", zs, meta)
+    assert [(c["lr"], c["epochs"], c["seed"]) for c in calls] == [
+        (3e-4, 2, 5), (1e-4, 1, 6), (2e-4, 2, 7), (3e-4, 3, 8)
+    ]  # fmt: skip
+    assert [c["augment_strength"] for c in calls] == [1.0, 0.5, 0.5, 0.5]
+    assert [e.id for e in st.entries] == [f"finetuned-diverse-{i}" for i in range(4)]
+    assert [e.extra["main"] for e in st.entries] == [True, False, False, False]
+    assert st.entries[2].extra["lr"] == 2e-4 and st.entries[2].extra["augment"] == 0.5
+
+
+def test_augment_strength_scales_the_jitter():
+    images = toy_data(4).images
+    gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    assert torch.equal(augment(images, gen(), 0.0), images)  # identity ranges: no change
+    moved = [(augment(images, gen(), s).float() - images.float()).abs().mean() for s in (0.3, 1)]
+    assert 0 < moved[0] < moved[1]
+
+
+def test_linear_probe_starts_from_the_given_head():
+    x, y = _clusters(10, 4, dim=16)
+    init = make_head(torch.randn(4, 16, generator=torch.Generator().manual_seed(3)) * 10)
+    before = init.weight.clone()
+    head, _ = train_linear_probe(x, y, num_classes=4, steps=0, init=init)
+    assert torch.equal(head.weight, init.weight) and torch.equal(head.bias, init.bias)
+    lr = 1e-3  # one Adam step moves each weight by at most ~lr
+    head, _ = train_linear_probe(x, y, num_classes=4, steps=1, lr=lr, init=init)
+    assert (head.weight - init.weight).abs().max() <= 1.01 * lr
+    assert torch.equal(init.weight, before)  # the init head is copied, never trained
+    with pytest.raises(ValueError, match="shape"):
+        train_linear_probe(x, y, num_classes=5, steps=1, init=init)
+
+
+def test_the_stage_probe_starts_at_the_zero_shot_head(tmp_path):
+    from clipshift.config import FinetuneConfig
+    from clipshift.stages import finetune as stage
+    from clipshift.tracking_api import NullTracker
+
+    bundle = tiny_bundle()
+    zs = zs_classifier(bundle).eval()
+    cfg = FinetuneConfig(linear_epochs=1, linear_lr=1e-3, soup_ingredients=[])
+    data = toy_data(2)
+    st = stage._Stage(cfg, tmp_path, data, data, CLASSES, torch.device("cpu"), NullTracker(), False)
+    meta = {"model_config": bundle.config, "classnames": CLASSES, "pool": "diverse"}
+    stage._linear_and_knn(st, "diverse", zs, meta)
+    probe = load_classifier(tmp_path / "linear-diverse.pt")[0]
+    # one step from the zero-shot head (weights ~±1); from zeros it would be ~lr everywhere
+    assert (probe.head.weight - zs.head.weight).abs().max() <= 1.01e-3
+    assert zs.head.weight.abs().mean() > 0.1
+
+
+def test_soups_need_four_fine_tunes_or_none():
+    from pydantic import ValidationError
+
+    from clipshift.config import FinetuneConfig, SoupIngredient
+
+    two = [SoupIngredient(lr=1e-4, epochs=1)] * 2
+    with pytest.raises(ValidationError, match=r"at least 4 fine-tunes.*1 \+ 2"):
+        FinetuneConfig(soup_ingredients=two)
+    assert FinetuneConfig(soup_ingredients=[]).soup_ingredients == []
+    assert len(FinetuneConfig(soup_ingredients=two + two[:1]).soup_ingredients) == 3
+    assert len(FinetuneConfig().soup_ingredients) >= 3  # the defaults make a real soup

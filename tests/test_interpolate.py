@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from clipshift.classifier import ImageClassifier, extract_features, make_head
+from clipshift.config import InterpolateConfig
 from clipshift.errors import CheckpointError
+from clipshift.methods.linear_probe import train_linear_probe
 from clipshift.methods.metrics import accuracy
 from clipshift.methods.wiseft import (
     SweepPoint,
@@ -18,6 +20,7 @@ from clipshift.methods.wiseft import (
     interpolate_state_dicts,
     linear_wiseft_sweep,
     uniform_soup,
+    wiseft_model,
     wiseft_sweep,
 )
 from tests.test_finetune import tiny_bundle, toy_data, zs_classifier
@@ -157,10 +160,191 @@ def test_greedy_soup_is_never_worse_than_the_best_single_model(models):
         )
     candidates = [noisy, zs, ft]
     singles = [accuracy(m, val) for m in candidates]
-    state, members, soup_acc = greedy_soup(candidates, val, batch_size=64)
-    assert soup_acc >= max(singles)
+    soup = greedy_soup(candidates, val, batch_size=64)
+    assert soup.val_accuracy >= max(singles)
+    assert soup.singles == pytest.approx(singles)
     best = max(range(3), key=lambda i: (singles[i], -i))
-    assert best in members
-    soup = copy.deepcopy(zs)
-    soup.load_state_dict(state)
-    assert accuracy(soup, val) == pytest.approx(soup_acc)
+    assert best in soup.members and soup.steps[0] == {
+        "index": best,
+        "val_accuracy": singles[best],
+        "accepted": True,
+    }
+    model = copy.deepcopy(zs)
+    model.load_state_dict(soup.state)
+    assert accuracy(model, val) == pytest.approx(soup.val_accuracy)
+
+
+# --------------------------------------------------------------------------------------------
+# every float tensor is mixed, not only the head
+
+
+def test_wiseft_mixes_every_float_tensor_and_keeps_integer_buffers(models):
+    zs, ft = copy.deepcopy(models[0]), copy.deepcopy(models[1])
+    zs.visual.register_buffer("steps_seen", torch.tensor(3))  # an integer buffer
+    ft.visual.register_buffer("steps_seen", torch.tensor(5))
+    mid = wiseft_model(zs, ft, 0.5).state_dict()
+    s0, s1 = zs.state_dict(), ft.state_dict()
+    floats = [k for k, v in s0.items() if v.is_floating_point()]
+    assert len(floats) > 10 and any(k.startswith("visual.transformer.") for k in floats)
+    for key in floats:
+        assert not torch.equal(s0[key], s1[key]), key  # the fixture moved every tensor
+        assert torch.allclose(mid[key], (s0[key] + s1[key]) / 2, atol=1e-6), key
+    tower = "visual.transformer.resblocks.0.attn.in_proj_weight"
+    assert torch.allclose(mid[tower], 0.5 * s0[tower] + 0.5 * s1[tower])
+    assert mid["visual.steps_seen"].dtype == torch.int64 and int(mid["visual.steps_seen"]) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# soups: a toy where the answer is known by construction
+
+
+@pytest.fixture(scope="module")
+def ingredients():
+    """Three good classifiers (a linear probe on the tiny tower, each tensor jittered by 1 %)
+    and a bad one whose head votes for a wrong class (rows rolled) 20× louder."""
+    bundle = tiny_bundle(seed=2)
+    zs = zs_classifier(bundle)
+    train, val = toy_data(8, seed=4), toy_data(6, seed=5)
+    head, _ = train_linear_probe(
+        extract_features(zs.visual, train.images), train.labels, num_classes=4, steps=300, lr=0.05
+    )
+    good = ImageClassifier(copy.deepcopy(zs.visual), head, True)
+    gen = torch.Generator().manual_seed(7)
+    models = []
+    for _ in range(3):
+        m = copy.deepcopy(good)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(1 + 0.01 * torch.randn(p.shape, generator=gen))
+        models.append(m.eval())
+    bad = copy.deepcopy(good)
+    with torch.no_grad():
+        bad.head.weight.copy_(20 * good.head.weight.roll(1, dims=0))
+        bad.head.bias.copy_(20 * good.head.bias.roll(1))
+    models.insert(1, bad.eval())
+    return models, val
+
+
+def test_greedy_soup_rejects_a_bad_ingredient_and_uniform_averages_all(ingredients):
+    models, val = ingredients
+    singles = [accuracy(m, val) for m in models]
+    assert min(singles[0], singles[2], singles[3]) >= 0.9 and singles[1] <= 0.3
+    soup = greedy_soup(models, val, batch_size=64)
+    assert soup.members == [0, 2, 3]  # the bad one (index 1) is left out
+    assert soup.steps[-1]["index"] == 1 and soup.steps[-1]["accepted"] is False
+    assert soup.steps[-1]["val_accuracy"] < soup.val_accuracy
+    states = [m.state_dict() for m in models]
+    good_mean = uniform_soup([states[i] for i in (0, 2, 3)])
+    assert all(torch.allclose(soup.state[k], good_mean[k]) for k in good_mean)
+    uniform = uniform_soup(states)
+    for key in ("head.weight", "visual.conv1.weight"):
+        assert torch.allclose(uniform[key], sum(s[key] for s in states) / 4, atol=1e-6)
+    # the uniform soup swallowed the bad head: it does worse than the greedy one on val
+    soup_model = copy.deepcopy(models[0])
+    soup_model.load_state_dict(uniform)
+    assert accuracy(soup_model, val) < soup.val_accuracy
+
+
+# --------------------------------------------------------------------------------------------
+# config
+
+
+def test_alphas_must_include_the_papers_fixed_alpha():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"must include 0\.5"):
+        InterpolateConfig(alphas=[0.0, 0.4, 1.0])
+    assert InterpolateConfig(alphas=[1.0, 0.5, 0.0, 0.5]).alphas == [0.0, 0.5, 1.0]
+
+
+def test_soups_without_ingredients_are_refused_across_sections():
+    from clipshift.config import PipelineConfig
+    from tests.tiny import full_params
+
+    params = full_params({"finetune": {"soup_ingredients": []}})
+    with pytest.raises(ValueError, match=r"interpolate\.soups.*soup_ingredients is empty"):
+        PipelineConfig.model_validate(params)
+    params["interpolate"]["soups"] = []
+    assert PipelineConfig.model_validate(params).interpolate.soups == []
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+
+def _finetune_dir(root, models, n_finetuned: int):
+    """A finetune stage's output: zero-shot, linear probe and ``n_finetuned`` fine-tunes."""
+    from clipshift.classifier import save_classifier
+    from clipshift.registry import ModelEntry, write_index
+    from tests.test_ddp_stages import write_labelled
+
+    zs, ft, val = models
+    write_labelled(root / "data", "val", "val", val)
+    bundle = tiny_bundle(seed=2)
+    meta = {"model_config": bundle.config, "classnames": list(val.classes), "pool": "diverse"}
+    out, entries = root / "finetune", []
+    probe = ImageClassifier(zs.visual, make_head(ft.head.weight, ft.head.bias), True)
+    for name, kind, clf in [
+        ("zeroshot-diverse", "zeroshot", zs),
+        ("linear-diverse", "linear", probe),
+    ]:
+        save_classifier(out / f"{name}.pt", clf, meta)
+        entries.append(ModelEntry(id=name, kind=kind, pool="diverse", path=f"{name}.pt"))
+    for i in range(n_finetuned):
+        clf = wiseft_model(zs, ft, 1.0 - 0.1 * i)  # distinct fine-tunes along the path
+        save_classifier(out / f"finetuned-diverse-{i}.pt", clf, meta)
+        entries.append(
+            ModelEntry(
+                id=f"finetuned-diverse-{i}",
+                kind="finetuned",
+                pool="diverse",
+                path=f"finetuned-diverse-{i}.pt",
+                extra={"main": i == 0},
+            )
+        )
+    write_index(out, entries)
+    return InterpolateConfig(
+        data_dir=str(root / "data"),
+        finetune_dir=str(out),
+        out_dir=str(root / "interpolate"),
+        alphas=[0.0, 0.5, 1.0],
+        batch_size=64,
+    )
+
+
+def test_stage_reports_chosen_and_paper_alpha_and_the_greedy_soups_ingredients(tmp_path, models):
+    import json
+
+    from clipshift.stages.interpolate import run_interpolate
+
+    cfg = _finetune_dir(tmp_path, models, 4)
+    summary = run_interpolate(cfg)
+    written = json.loads((tmp_path / "interpolate" / "interpolate.json").read_text())
+    for curve in ("end_to_end", "linear"):
+        rec = written[curve]
+        assert rec["paper_wise_alpha"] == 0.5
+        assert rec["paper_val_accuracy"] == rec["val_accuracy"]["0.5"]
+        assert rec["chosen_val_accuracy"] == rec["val_accuracy"][f"{rec['chosen_wise_alpha']:g}"]
+    greedy = written["soups"]["greedy"]
+    ids = [f"finetuned-diverse-{i}" for i in range(4)]
+    assert set(greedy["ingredients_val_accuracy"]) == set(ids)
+    assert [s["ingredient"] for s in greedy["steps"]] == sorted(
+        ids, key=lambda i: (-greedy["ingredients_val_accuracy"][i], i)
+    )
+    kept = [s["ingredient"] for s in greedy["steps"] if s["accepted"]]
+    assert sorted(kept) == greedy["members"]
+    assert written["soups"]["uniform"]["members"] == ids
+    assert "seconds" in summary["soups"]["greedy"] and "seconds" not in greedy
+    index = json.loads((tmp_path / "interpolate" / "index.json").read_text())
+    paper = [e for e in index["models"] if e["extra"].get("paper_alpha")]
+    assert sorted(e["id"] for e in paper) == ["wiseft-diverse-a0.5", "wiseft-linear-diverse-a0.5"]
+
+
+def test_stage_refuses_a_soup_of_fewer_than_four(tmp_path, models):
+    from clipshift.errors import DataError
+    from clipshift.stages.interpolate import run_interpolate
+
+    cfg = _finetune_dir(tmp_path, models, 3)
+    with pytest.raises(DataError, match=r"at least 4 fine-tuned models.*wrote 3.*soups: \[\]"):
+        run_interpolate(cfg)
+    assert run_interpolate(cfg.model_copy(update={"soups": []}))["soups"] == {}

@@ -23,7 +23,7 @@ from clipshift.checkpoints import (
     save_checkpoint,
     save_open_clip_checkpoint,
 )
-from clipshift.config import BaselineSpec, FinetuneConfig, PretrainConfig
+from clipshift.config import BaselineSpec, FinetuneConfig, PretrainConfig, SoupIngredient
 from clipshift.models import tiny_vit_config
 from clipshift.stages.finetune import run_finetune
 from clipshift.stages.pretrain import TrainHooks, run_pretrain
@@ -337,7 +337,7 @@ def finetune_cfg(root: Path, out: Path, **kw: Any) -> FinetuneConfig:
         e2e_epochs=1,
         e2e_batch_size=16,
         e2e_lr=1e-3,
-        soup_lrs=[5e-4],
+        soup_ingredients=[SoupIngredient(lr=5e-4, epochs=1)] * 3,
         linear_epochs=5,
         knn_k=3,
         baselines=[BaselineSpec(width=32, layers=1, epochs=1, fraction=1.0)] * 3,
@@ -352,9 +352,11 @@ def test_finetune_outputs_match_their_settings(finetune_world, tmp_path):
     run_finetune(finetune_cfg(finetune_world, out), progress=False)
     old = load_checkpoint(out / "finetuned-diverse-0.pt")
     assert old["meta"]["training_spec"]["finetune.e2e_lr"] == 1e-3
-    assert (out / "finetuned-diverse-1.pt").exists()  # the soup ingredient at 5e-4
+    assert (out / "finetuned-diverse-1.pt").exists()  # a soup ingredient at 5e-4
 
-    run_finetune(finetune_cfg(finetune_world, out, e2e_lr=2e-3, soup_lrs=[]), progress=False)
+    run_finetune(
+        finetune_cfg(finetune_world, out, e2e_lr=2e-3, soup_ingredients=[]), progress=False
+    )
     new = load_checkpoint(out / "finetuned-diverse-0.pt")
     assert new["meta"]["training_spec"]["finetune.e2e_lr"] == 2e-3 and new["meta"]["lr"] == 2e-3
     weights = old["state_dict"]
@@ -368,7 +370,8 @@ def test_finetune_outputs_match_their_settings(finetune_world, tmp_path):
 
     # a path or worker count is not a new experiment: nothing more is set aside
     run_finetune(
-        finetune_cfg(finetune_world, out, e2e_lr=2e-3, soup_lrs=[], workers=0), progress=False
+        finetune_cfg(finetune_world, out, e2e_lr=2e-3, soup_ingredients=[], workers=0),
+        progress=False,
     )
     assert len(list((out / SUPERSEDED_DIR).iterdir())) == 1
     # a re-trained pretrained model is: its bytes are part of the spec
@@ -376,5 +379,7 @@ def test_finetune_outputs_match_their_settings(finetune_world, tmp_path):
     pretrained = load_checkpoint(ckpt)
     pretrained["state_dict"]["logit_scale"] += 1.0
     save_checkpoint(ckpt, pretrained)
-    run_finetune(finetune_cfg(finetune_world, out, e2e_lr=2e-3, soup_lrs=[]), progress=False)
+    run_finetune(
+        finetune_cfg(finetune_world, out, e2e_lr=2e-3, soup_ingredients=[]), progress=False
+    )
     assert len(list((out / SUPERSEDED_DIR).iterdir())) == 2

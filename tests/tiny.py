@@ -61,7 +61,7 @@ def tiny_params() -> dict[str, Any]:
                 "e2e_epochs": 1,
                 "e2e_batch_size": 16,
                 "e2e_lr": 3e-4,
-                "soup_lrs": [1e-4],
+                "soup_ingredients": [{"lr": 1e-4, "epochs": 1}] * 3,
                 "linear_epochs": 20,
                 "knn_k": 3,
                 "baselines": [

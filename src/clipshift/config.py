@@ -424,6 +424,28 @@ def _default_baselines() -> list[BaselineSpec]:
     return [BaselineSpec(width=w, layers=d, epochs=e, fraction=f) for w, d, e, f in grid]
 
 
+class SoupIngredient(StrictModel):
+    """One extra end-to-end fine-tune; ingredients differ in cheap hyperparameters, as in
+    Wortsman et al.'s model soups (LR, length, augmentation, label smoothing; seed by index)."""
+
+    lr: float = Field(gt=0, le=1, description="Peak LR (the head's is lr × e2e_head_lr_scale).")
+    epochs: int = Field(ge=1, le=1000)
+    augment: float = Field(
+        1.0, ge=0, le=2, description="Augmentation strength: 0 none, 1 the main run's ranges."
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+
+
+def _default_soup_ingredients() -> list[SoupIngredient]:
+    # around the main run (1e-4, 8 epochs, augment 1): lower LR; shorter with weaker
+    # augmentation and label smoothing; higher LR, shorter (28 epochs in all, 4 models)
+    grid = [(5e-5, 8, 1.0, 0.0), (1e-4, 6, 0.5, 0.1), (2e-4, 6, 1.0, 0.0)]
+    return [SoupIngredient(lr=lr, epochs=e, augment=a, label_smoothing=ls) for lr, e, a, ls in grid]
+
+
+MIN_SOUP = 4  # models in a soup: the main fine-tune + at least 3 ingredients
+
+
 class FinetuneConfig(StrictModel):
     # Paths and worker counts cannot change the models (clipshift.training_spec); the ranks
     # enter the training spec as the world size, the pretrained models as their sha256.
@@ -439,20 +461,31 @@ class FinetuneConfig(StrictModel):
         default_factory=lambda: list(DEFAULT_TEMPLATES),
         description="Prompt templates ('{}' is the class name) ensembled for the zero-shot head.",
     )
-    e2e_epochs: int = Field(16, ge=1, le=1000, description="End-to-end fine-tuning epochs.")
-    e2e_lr: float = Field(1e-3, gt=0, le=1, description="LR of the main end-to-end fine-tune.")
+    e2e_epochs: int = Field(
+        8, ge=1, le=1000, description="Epochs of the main end-to-end fine-tune (WiSE-FT's θ1)."
+    )
+    e2e_lr: float = Field(
+        1e-4,
+        gt=0,
+        le=1,
+        description="Peak LR of the main end-to-end fine-tune (the head's: × e2e_head_lr_scale); "
+        "small, as WiSE-FT fine-tunes at ~1/10–1/30 of the pretraining LR (pretrain.lr); the "
+        "largest of that range won on val.",
+    )
     e2e_head_lr_scale: float = Field(
-        10.0,
+        30.0,
         gt=0,
         le=10000,
-        description="The head learns at e2e_lr times this: a weak zero-shot head must move "
-        "faster than the tower, or fine-tuning distorts the features to fit it.",
+        description="The head learns at LR times this, in every end-to-end fine-tune. WiSE-FT "
+        "uses one LR (1), but here the zero-shot head is weak and barely moves at a small LR: "
+        "in a val pilot (8 epochs at 1e-4) ×30 gave 0.44, ×10 0.37; at 3e-4, ×10 0.48, ×1 0.39.",
     )
     e2e_batch_size: int = Field(64, ge=1, le=65536)
-    soup_lrs: list[float] = Field(
-        default_factory=lambda: [5e-4],
-        description="Extra end-to-end fine-tunes (one per LR, each its own seed) that join the "
-        "main one as soup ingredients.",
+    soup_ingredients: list[SoupIngredient] = Field(
+        default_factory=_default_soup_ingredients,
+        description="Extra end-to-end fine-tunes (seed + 1, + 2, …) that join the main one "
+        "(augment 1, no label smoothing) as soup ingredients: none, or at least 3 (a soup of "
+        "fewer than 4 models is a comparison of 2–3 models, not a soup).",
     )
     linear_epochs: int = Field(200, ge=1, le=100000, description="Full-batch linear-probe steps.")
     linear_lr: float = Field(1e-2, gt=0, le=10)
@@ -475,6 +508,17 @@ class FinetuneConfig(StrictModel):
             raise ValueError(f"every template needs a '{{}}' for the class name; bad: {bad}")
         return value
 
+    @field_validator("soup_ingredients")
+    @classmethod
+    def _soup_or_none(cls, value: list[SoupIngredient]) -> list[SoupIngredient]:
+        if 0 < len(value) < MIN_SOUP - 1:
+            raise ValueError(
+                f"a soup needs at least {MIN_SOUP} fine-tunes (the main one + at least "
+                f"{MIN_SOUP - 1} soup_ingredients), got 1 + {len(value)}; list at least "
+                f"{MIN_SOUP - 1} ingredients, or none (and set interpolate.soups: [])"
+            )
+        return value
+
     @field_validator("baselines")
     @classmethod
     def _enough_baselines(cls, value: list[BaselineSpec]) -> list[BaselineSpec]:
@@ -487,16 +531,22 @@ class FinetuneConfig(StrictModel):
 # interpolate
 
 
+PAPER_WISE_ALPHA = 0.5  # WiSE-FT's fixed mixing weight, reported beside the val-chosen α
+
+
 class InterpolateConfig(StrictModel):
     data_dir: str = Field("data/fetch")
     finetune_dir: str = Field("models/finetune")
     out_dir: str = Field("models/interpolate")
     alphas: list[float] = Field(
         default_factory=lambda: [round(0.1 * i, 1) for i in range(11)],
-        description="WiSE-FT mixing weights: 0 = zero-shot, 1 = fine-tuned.",
+        description="WiSE-FT mixing weights: 0 = zero-shot, 1 = fine-tuned; must include 0.5, "
+        "the paper's fixed α, reported beside the α chosen on val.",
     )
     soups: list[Literal["uniform", "greedy"]] = Field(
-        default_factory=lambda: ["uniform", "greedy"]  # type: ignore[arg-type]
+        default_factory=lambda: ["uniform", "greedy"],  # type: ignore[arg-type]
+        description="Soup recipes over the pool's fine-tunes (needs finetune.soup_ingredients); "
+        "[] for none.",
     )
     batch_size: int = Field(256, ge=1, le=65536)
 
@@ -506,8 +556,11 @@ class InterpolateConfig(StrictModel):
         bad = [a for a in value if not 0.0 <= a <= 1.0]
         if bad:
             raise ValueError(f"every WiSE-FT alpha must lie in [0, 1]; out of range: {bad}")
-        if not value:
-            raise ValueError("give at least one alpha")
+        if PAPER_WISE_ALPHA not in value:
+            raise ValueError(
+                f"alphas must include {PAPER_WISE_ALPHA}, WiSE-FT's fixed α, which is reported "
+                "beside the α chosen on val; add it"
+            )
         return sorted(set(value))
 
 
@@ -760,6 +813,12 @@ def cross_section_problems(p: PipelineConfig) -> list[str]:
                     f"{sorted(built)}); remove them from {key} or add a fetch.sources entry "
                     f"named 'pool-{missing[0]}' (role: pool)"
                 )
+    if p.interpolate.soups and not p.finetune.soup_ingredients:
+        problems.append(
+            f"interpolate.soups = {p.interpolate.soups} but finetune.soup_ingredients is empty: "
+            f"a soup needs at least {MIN_SOUP} fine-tunes; list at least {MIN_SOUP - 1} "
+            "finetune.soup_ingredients or set interpolate.soups: []"
+        )
     # batches: every rank takes equal micro-batches of the global batch
     pre = p.pretrain
     ranks = pre.distributed.world_size
@@ -790,7 +849,11 @@ def cross_section_problems(p: PipelineConfig) -> list[str]:
 
 
 # keys that moved, so that an older params.yaml is told where they went
-MOVED = {"nproc_per_node": "distributed.nproc_per_node", "nnodes": "distributed.nnodes"}
+MOVED = {
+    "nproc_per_node": "distributed.nproc_per_node",
+    "nnodes": "distributed.nnodes",
+    "soup_lrs": "soup_ingredients (a list of {lr, epochs, augment, label_smoothing})",
+}
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -26,12 +26,17 @@ from clipshift.tracking_api import NullTracker, Tracker
 from clipshift.train_utils import cosine_lr
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(
+    images: torch.Tensor, generator: torch.Generator, strength: float = 1.0
+) -> torch.Tensor:
     """Random zoom-crop, shift and brightness/contrast jitter of a uint8 batch, batched.
 
     No flips: many emoji are not mirror-symmetric in meaning (arrows, hands, text), so a flip
-    can change the class. Zoom 0.75–1 with the crop anywhere inside the image ≈ torchvision's
-    RandomResizedCrop with a mild scale range; ±6 % extra shift (border-padded).
+    can change the class. At ``strength`` 1: zoom 0.75–1 with the crop anywhere inside the
+    image ≈ torchvision's RandomResizedCrop with a mild scale range; ±6 % extra shift
+    (border-padded); brightness and contrast ×0.8–1.2. ``strength`` scales every range
+    (0 = identity ranges), so soup ingredients can differ in augmentation, as in Wortsman et
+    al.'s soups; the same random numbers are drawn whatever the strength.
     """
     n = images.shape[0]
     x = images.float() / 255.0
@@ -39,15 +44,15 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(n, generator=generator)
 
-    scale = uniform(0.75, 1.0)
-    tx = (1 - scale) * uniform(-1, 1) + uniform(-0.06, 0.06)
-    ty = (1 - scale) * uniform(-1, 1) + uniform(-0.06, 0.06)
+    scale = uniform(1 - 0.25 * strength, 1.0)
+    tx = (1 - scale) * uniform(-1, 1) + uniform(-0.06 * strength, 0.06 * strength)
+    ty = (1 - scale) * uniform(-1, 1) + uniform(-0.06 * strength, 0.06 * strength)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = scale, scale, tx, ty
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    brightness = uniform(0.8, 1.2).view(n, 1, 1, 1)
-    contrast = uniform(0.8, 1.2).view(n, 1, 1, 1)
+    brightness = uniform(1 - 0.2 * strength, 1 + 0.2 * strength).view(n, 1, 1, 1)
+    contrast = uniform(1 - 0.2 * strength, 1 + 0.2 * strength).view(n, 1, 1, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - mean) * contrast + mean) * brightness
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -65,7 +70,8 @@ def finetune_end_to_end(
     weight_decay: float = 0.1,
     warmup_fraction: float = 0.1,
     grad_clip_norm: float | None = 1.0,
-    use_augment: bool = True,
+    augment_strength: float = 1.0,
+    label_smoothing: float = 0.0,
     seed: int = 0,
     tracker: Tracker | None = None,
     log_prefix: str = "finetune",
@@ -112,13 +118,16 @@ def finetune_end_to_end(
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             batch = train.images[idx]
-            if use_augment:
-                batch = augment(batch, gen)  # the whole global batch: same draws as one process
+            if augment_strength > 0:  # the whole global batch: same draws as one process
+                batch = augment(batch, gen, augment_strength)
             mine, weight = _rank_slice(len(idx))
             logits = model(to_model_input(batch[mine], size).to(device))
             # sum over my rows / global rows, times world (DDP averages gradients over ranks):
             # the gradient of the global-batch mean, whatever the split
-            part = F.cross_entropy(logits, labels[idx][mine].to(device), reduction="sum")
+            targets = labels[idx][mine].to(device)
+            part = F.cross_entropy(
+                logits, targets, reduction="sum", label_smoothing=label_smoothing
+            )
             loss = part * weight / len(idx)
             optimizer.zero_grad(set_to_none=True)
             (loss * D.get_world_size()).backward()

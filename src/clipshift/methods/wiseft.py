@@ -215,18 +215,28 @@ def choose_wise_alpha(results: Sequence[Any]) -> float:
     return get(best, "wise_alpha")
 
 
+@dataclass
+class GreedySoup:
+    """A greedy soup and how it was made (indices refer to the ``models`` given)."""
+
+    state: dict[str, torch.Tensor]
+    members: list[int]  # sorted
+    val_accuracy: float
+    singles: list[float]  # val accuracy of each model alone
+    steps: list[dict[str, Any]]  # visit order: {"index", "val_accuracy" (with it), "accepted"}
+
+
 def greedy_soup(
     models: Sequence[ImageClassifier],
     val,
     batch_size: int = 256,
     device: str | torch.device | None = None,
-) -> tuple[dict[str, torch.Tensor], list[int], float]:
+) -> GreedySoup:
     """Greedy soup (Wortsman et al. 2022, Recipe 1): visit models by decreasing val accuracy,
     starting from the best; add each to the soup if the soup's val accuracy does not drop.
 
-    Returns ``(state_dict, member indices into models, soup val accuracy)``. The soup is never
-    worse on val than the best single model (it starts as that model and only accepts
-    non-decreasing steps).
+    The soup is never worse on val than the best single model (it starts as that model and
+    only accepts non-decreasing steps).
     """
     if not models:
         raise ValueError("a soup needs at least one model")
@@ -234,11 +244,14 @@ def greedy_soup(
     order = sorted(range(len(models)), key=lambda i: (-singles[i], i))
     members = [order[0]]
     best = singles[order[0]]
+    steps: list[dict[str, Any]] = [{"index": order[0], "val_accuracy": best, "accepted": True}]
     states = [m.state_dict() for m in models]
     for i in order[1:]:
         candidate = uniform_soup([states[j] for j in members + [i]])
         acc = accuracy(with_state(models[0], candidate), val, batch_size, device)
+        steps.append({"index": i, "val_accuracy": acc, "accepted": acc >= best})
         if acc >= best:
             members.append(i)
             best = acc
-    return uniform_soup([states[j] for j in members]), sorted(members), best
+    state = uniform_soup([states[j] for j in members])
+    return GreedySoup(state, sorted(members), best, singles, steps)

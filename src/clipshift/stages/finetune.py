@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from clipshift import distributed as D
 from clipshift.classifier import ImageClassifier, extract_features, make_head, save_classifier
-from clipshift.config import FinetuneConfig
+from clipshift.config import FinetuneConfig, SoupIngredient
 from clipshift.data.loaders import load_labelled
 from clipshift.data.shards import dataset_fingerprint, sha256_file
 from clipshift.errors import DataError
@@ -130,6 +130,7 @@ def _linear_and_knn(st: _Stage, pool: str, zs: ImageClassifier, meta: dict) -> N
         steps=cfg.linear_epochs,
         lr=cfg.linear_lr,
         seed=cfg.seed,
+        init=zs.head,  # from the zero-shot head, as the wise-ft code's linear classifier
     )
     probe = ImageClassifier(copy.deepcopy(zs.visual), make_head(head.weight, head.bias), True)
     st.save(f"linear-{pool}.pt", probe, {**meta, "kind": "linear", **info})
@@ -164,20 +165,30 @@ def _linear_and_knn(st: _Stage, pool: str, zs: ImageClassifier, meta: dict) -> N
     st.add(entry, 0.0, top1(probs, st.val.labels))
 
 
+def e2e_runs(cfg: FinetuneConfig) -> list[SoupIngredient]:
+    """Every end-to-end fine-tune of the stage: index 0 is the main run (``e2e_lr``,
+    ``e2e_epochs``, default augmentation), then ``soup_ingredients``; run ``i`` has seed + i."""
+    main = SoupIngredient(lr=cfg.e2e_lr, epochs=cfg.e2e_epochs)
+    return [main, *cfg.soup_ingredients]
+
+
 def _end_to_end(st: _Stage, pool: str, zs: ImageClassifier, meta: dict) -> None:
-    """The main fine-tune (``e2e_lr``), then one per ``soup_lrs`` entry (seed + i)."""
+    """The fine-tunes of :func:`e2e_runs`, each from the zero-shot classifier (WiSE-FT's
+    θ0): the main one WiSE-FT interpolates, the others are soup ingredients."""
     cfg = st.cfg
-    for i, lr in enumerate([cfg.e2e_lr, *cfg.soup_lrs]):
+    for i, run in enumerate(e2e_runs(cfg)):
         t0 = time.perf_counter()
         clf = copy.deepcopy(zs)
         finetune_end_to_end(
             clf,
             st.train,
             st.val,
-            epochs=cfg.e2e_epochs,
-            lr=lr,
+            epochs=run.epochs,
+            lr=run.lr,
             head_lr_scale=cfg.e2e_head_lr_scale,
             batch_size=cfg.e2e_batch_size,
+            augment_strength=run.augment,
+            label_smoothing=run.label_smoothing,
             seed=cfg.seed + i,
             tracker=st.tracker,
             log_prefix=f"finetune/{pool}-{i}",
@@ -185,7 +196,7 @@ def _end_to_end(st: _Stage, pool: str, zs: ImageClassifier, meta: dict) -> None:
             device=st.device,
         )
         name = f"finetuned-{pool}-{i}"
-        facts = {"lr": lr, "seed": cfg.seed + i}
+        facts = {**run.model_dump(), "seed": cfg.seed + i}
         st.save(f"{name}.pt", clf, {**meta, "kind": "finetuned", **facts})
         entry = ModelEntry(
             id=name, kind="finetuned", pool=pool, path=f"{name}.pt", extra={**facts, "main": i == 0}

@@ -23,7 +23,7 @@ from clipshift.classifier import (
     load_classifier,
     save_classifier,
 )
-from clipshift.config import InterpolateConfig
+from clipshift.config import MIN_SOUP, PAPER_WISE_ALPHA, InterpolateConfig
 from clipshift.data.loaders import load_labelled
 from clipshift.errors import DataError
 from clipshift.io_utils import write_json_atomic
@@ -77,8 +77,13 @@ def _save_sweep(
     source: str,
     visual: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Save every α's model (for heads, on ``visual``); returns the JSON record of the sweep."""
+    """Save every α's model (for heads, on ``visual``); returns the JSON record of the sweep:
+    val accuracy per α, the α chosen on val and WiSE-FT's fixed α = 0.5, each with its val
+    accuracy."""
     chosen = choose_wise_alpha(points)
+    val_of = {p.wise_alpha: p.val_accuracy for p in points}
+    if PAPER_WISE_ALPHA not in val_of:  # the config demands it; a hand-made call might not
+        raise ValueError(f"the sweep lacks α = {PAPER_WISE_ALPHA}, WiSE-FT's fixed mixing weight")
     for step, p in enumerate(points):
         # end-to-end points are whole classifiers; linear points are heads on ``visual``
         clf = (
@@ -90,6 +95,7 @@ def _save_sweep(
             "variant": variant,
             "val_accuracy": p.val_accuracy,
             "chosen": p.wise_alpha == chosen,
+            "paper_alpha": p.wise_alpha == PAPER_WISE_ALPHA,
             "finetuned": source,
         }
         run.save(
@@ -101,21 +107,39 @@ def _save_sweep(
             variant=variant,
         )
         run.tracker.log_metrics({f"{prefix}/val_accuracy": p.val_accuracy}, step=step)
-    run.tracker.log_metrics({f"{prefix}/chosen_wise_alpha": chosen})
+    run.tracker.log_metrics(
+        {
+            f"{prefix}/chosen_wise_alpha": chosen,
+            f"{prefix}/chosen_val_accuracy": val_of[chosen],
+            f"{prefix}/paper_val_accuracy": val_of[PAPER_WISE_ALPHA],
+        }
+    )
     return {
         "val_accuracy": {f"{p.wise_alpha:g}": p.val_accuracy for p in points},
         "chosen_wise_alpha": chosen,
+        "chosen_val_accuracy": val_of[chosen],
+        "paper_wise_alpha": PAPER_WISE_ALPHA,
+        "paper_val_accuracy": val_of[PAPER_WISE_ALPHA],
         "source": source,
     }
 
 
 def _soups(run: _Run, finetuned: list[ModelEntry]) -> dict[str, Any]:
-    """Uniform and/or greedy soups of the pool's fine-tuned models (needs at least 2)."""
+    """The uniform and/or greedy soups of the pool's fine-tunes (at least MIN_SOUP of them).
+
+    Records each ingredient's val accuracy and, for the greedy soup, the visit order (by val
+    accuracy) with the val accuracy of the soup with each candidate and whether it was kept.
+    """
     if not run.cfg.soups:
         return {}
-    if len(finetuned) < 2:
-        return {"skipped": "fewer than 2 fine-tuned models (list more finetune.soup_lrs)"}
+    if len(finetuned) < MIN_SOUP:
+        raise DataError(
+            f"soups {run.cfg.soups} need at least {MIN_SOUP} fine-tuned models of pool "
+            f"'{run.pool}', the finetune stage wrote {len(finetuned)}; list at least "
+            f"{MIN_SOUP - 1} finetune.soup_ingredients, or set interpolate.soups: []"
+        )
     models = [load_classifier(e.path)[0] for e in finetuned]
+    ids = [e.id for e in finetuned]
     out: dict[str, Any] = {}
     for recipe in run.cfg.soups:
         t0 = time.perf_counter()
@@ -123,16 +147,29 @@ def _soups(run: _Run, finetuned: list[ModelEntry]) -> dict[str, Any]:
             members = list(range(len(models)))
             soup = with_state(models[0], uniform_soup([m.state_dict() for m in models]))
             acc = accuracy(soup, run.val, run.cfg.batch_size)
+            record: dict[str, Any] = {}
         else:
-            state, members, acc = greedy_soup(models, run.val, run.cfg.batch_size)
-            soup = with_state(models[0], state)
-        ids = [finetuned[i].id for i in members]
+            greedy = greedy_soup(models, run.val, run.cfg.batch_size)
+            members, acc = greedy.members, greedy.val_accuracy
+            soup = with_state(models[0], greedy.state)
+            record = {
+                "ingredients_val_accuracy": dict(zip(ids, greedy.singles, strict=True)),
+                "steps": [
+                    {"ingredient": ids[step["index"]], **{k: step[k] for k in step if k != "index"}}
+                    for step in greedy.steps
+                ],
+            }
+        extra = {"recipe": recipe, "members": [ids[i] for i in members], "val_accuracy": acc}
         name = f"soup-{recipe}-{run.pool}"
-        extra = {"recipe": recipe, "members": ids, "val_accuracy": acc}
         run.save(
-            name, soup, {"kind": "soup", "extra": extra}, kind="soup", recipe=recipe, members=ids
+            name,
+            soup,
+            {"kind": "soup", "extra": extra},
+            kind="soup",
+            recipe=recipe,
+            members=extra["members"],
         )
-        out[recipe] = {**extra, "seconds": round(time.perf_counter() - t0, 2)}
+        out[recipe] = {**extra, **record, "seconds": round(time.perf_counter() - t0, 2)}
         run.tracker.log_metrics({f"soup/{recipe}/val_accuracy": acc})
     return out
 
