@@ -103,7 +103,9 @@ def test_restricted_head_picks_the_task_class_of_each_emoji():
     assert float(task_head.bias[2]) == UNSEEN_LOGIT and not task_head.weight[2].any()
     # features 'emoji a, b, c, d' (one-hot): a → task 3, b → task 1, d → task 0; c is not a task
     # class and x (never shown) is never predicted
-    clf, _ = task_classifier(ImageClassifier(nn.Identity(), head, False), pool, ["d", "b", "x", "a"])
+    clf, _ = task_classifier(
+        ImageClassifier(nn.Identity(), head, False), pool, ["d", "b", "x", "a"]
+    )
     pred = clf(torch.eye(4)).argmax(dim=1)
     assert pred[[0, 1, 3]].tolist() == [3, 1, 0]
     assert 2 not in pred.tolist()
@@ -197,3 +199,13 @@ def test_a_pool_without_emoji_ids_is_refused(tmp_path):
         writer.write({"__key__": "k0", "png": toy_image(0, random.Random(0)), "txt": "a"})
     with pytest.raises(DataError, match="no 'codepoint'"):
         load_pool_labels(tmp_path / "pool-x", 32)
+
+
+def test_flow_writes_the_run_metrics_with_timings(world, mlflow_store, prefect_harness, tmp_path):
+    from flows.supervised import supervised_flow
+
+    sup, pre = configs(world, tmp_path / "models" / "supervised", samples=64)
+    result = supervised_flow(config=sup, pretrain=pre, pool="toy")
+    metrics = json.loads((tmp_path / "metrics" / "supervised" / "toy.json").read_text())
+    assert metrics["final_loss"] == result["final_loss"] and metrics["train_time_s"] > 0
+    assert metrics["samples"] == 64 and "task_classes_missing" not in metrics  # scalars only
