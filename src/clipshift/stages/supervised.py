@@ -194,7 +194,12 @@ def _finished(out: Path, pool: str, fp: str) -> dict[str, Any] | None:
 
 
 def _flops(config: dict[str, Any], samples: int) -> dict[str, float]:
-    per = clip_flops_per_sample(config)  # 3 × forward = one training step's work per sample
+    """Training FLOPs (3 × forward) of the image tower alone, and of CLIP on the same samples
+    ({} for an architecture the analytic count does not cover)."""
+    try:
+        per = clip_flops_per_sample(config)
+    except (ConfigError, KeyError, AttributeError):
+        return {}
     return {
         "image_train_flops": 3.0 * per["image"] * samples,
         "clip_train_flops": 3.0 * per["total"] * samples,
@@ -246,7 +251,57 @@ def _train(
         clf, batches, pretrain, device, on_log, progress, desc=f"supervised {pool}"
     )
     result["pool_samples"] = len(data)
+    result["samples"] = result["steps"] * pretrain.batch_size
+    result["batch_size"] = pretrain.batch_size
     return clf, list(data.classes or []), result
+
+
+def _evaluate_and_save(
+    cfg: SupervisedConfig,
+    pool: str,
+    bundle: ClipBundle,
+    trained: tuple[ImageClassifier, list[str], dict[str, Any]],
+    spec: dict[str, Any],
+    device: torch.device,
+) -> dict[str, Any]:
+    """Cut the head to the task, score it on val, write the outputs; returns metrics.json."""
+    clf, pool_classes, result = trained
+    task_names, task_codes = task_codepoints(cfg.data_dir)
+    task_clf, missing = task_classifier(clf, pool_classes, task_codes)
+    if missing:
+        log.warning("supervised %s: task classes absent from the pool: %s", pool, missing)
+    val = load_labelled(Path(cfg.data_dir) / "val", None)
+    history, samples = result["history"], result["samples"]
+    metrics: dict[str, Any] = {
+        "pool": pool,
+        "model": bundle.name,
+        "steps": result["steps"],
+        "samples": samples,
+        "batch_size": result["batch_size"],
+        "final_loss": history[-1]["loss"],
+        "final_loss_avg": history[-1]["loss_avg"],
+        "val_accuracy": accuracy(task_clf, val, cfg.eval_batch_size, device),
+        "pool_samples": result["pool_samples"],
+        "pool_classes": len(pool_classes),
+        "task_classes": len(task_codes),
+        "task_classes_missing": missing,
+        "params": sum(p.numel() for p in clf.parameters()),
+        **_flops(bundle.config, samples),
+        "training_fingerprint": fingerprint(spec),
+        "reused": False,
+    }
+    meta = {
+        "model_name": bundle.name,
+        "model_config": bundle.config,
+        "kind": KIND,
+        "pool": pool,
+        "classnames": task_names,
+        "codepoints": task_codes,
+        "pool_codepoints": pool_classes,
+        "training_spec": spec,
+    }
+    _write_outputs(run_path(cfg, pool), pool, task_clf.cpu(), meta, metrics, history)
+    return metrics
 
 
 def _run(
@@ -271,47 +326,12 @@ def _run(
         log.info("supervised %s: reusing the finished run in %s (spec %s)", pool, out, fp)
         return {**done, **dict.fromkeys(TIMING_KEYS), "reused": True}
     (out / INDEX_FILE).unlink(missing_ok=True)  # no index while the folder is being rewritten
-    clf, pool_classes, result = _train(cfg, pretrain, pool, bundle, device, tracker, progress)
-    task_names, task_codes = task_codepoints(cfg.data_dir)
-    task_clf, missing = task_classifier(clf, pool_classes, task_codes)
-    if missing:
-        log.warning("supervised %s: task classes absent from the pool: %s", pool, missing)
-    val = load_labelled(Path(cfg.data_dir) / "val", None)
-    val_accuracy = accuracy(task_clf, val, cfg.eval_batch_size, device)
-    history = result["history"]
-    samples = result["steps"] * pretrain.batch_size
-    metrics: dict[str, Any] = {
-        "pool": pool,
-        "model": bundle.name,
-        "steps": result["steps"],
-        "samples": samples,
-        "batch_size": pretrain.batch_size,
-        "final_loss": history[-1]["loss"],
-        "final_loss_avg": history[-1]["loss_avg"],
-        "val_accuracy": val_accuracy,
-        "pool_samples": result["pool_samples"],
-        "pool_classes": len(pool_classes),
-        "task_classes": len(task_codes),
-        "task_classes_missing": missing,
-        "params": sum(p.numel() for p in clf.parameters()),
-        **_flops(bundle.config, samples),
-        "training_fingerprint": fp,
-        "reused": False,
-    }
-    meta = {
-        "model_name": bundle.name,
-        "model_config": bundle.config,
-        "kind": KIND,
-        "pool": pool,
-        "classnames": task_names,
-        "codepoints": task_codes,
-        "pool_codepoints": pool_classes,
-        "training_spec": spec,
-    }
-    _write_outputs(out, pool, task_clf.cpu(), meta, metrics, history)
+    trained = _train(cfg, pretrain, pool, bundle, device, tracker, progress)
+    metrics = _evaluate_and_save(cfg, pool, bundle, trained, spec, device)
+    seconds = trained[2]["train_time_s"]
     timings = {
-        "samples_per_s": samples / result["train_time_s"] if result["train_time_s"] else None,
-        "train_time_s": round(result["train_time_s"], 3),
+        "samples_per_s": metrics["samples"] / seconds if seconds else None,
+        "train_time_s": round(seconds, 3),
         "wall_time_s": round(time.perf_counter() - wall, 3),
     }
     return {**metrics, **timings}
