@@ -100,7 +100,7 @@ def test_restricted_head_picks_the_task_class_of_each_emoji():
     assert missing == ["x"]
     assert torch.equal(task_head.weight[0], head.weight[3].detach())
     assert float(task_head.bias[1].detach()) == pytest.approx(0.2)
-    assert float(task_head.bias[2]) == UNSEEN_LOGIT and not task_head.weight[2].any()
+    assert float(task_head.bias[2].detach()) == UNSEEN_LOGIT and not task_head.weight[2].any()
     # features 'emoji a, b, c, d' (one-hot): a → task 3, b → task 1, d → task 0; c is not a task
     # class and x (never shown) is never predicted
     clf, _ = task_classifier(
