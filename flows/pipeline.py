@@ -19,13 +19,14 @@ from flows.interpolate import interpolate_flow
 from flows.pretrain import pretrain_flow
 from flows.report import report_flow
 from flows.scaling import scaling_flow
+from flows.supervised import supervised_flow
 from flows.validate import validate_flow
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(params: PipelineConfig | None = None, run_scaling: bool = True) -> dict:
-    """fetch → validate → pretrain (each pool) → finetune → interpolate → evaluate → scaling →
-    report.
+    """fetch → validate → pretrain (each pool) → supervised (each pool) → finetune →
+    interpolate → evaluate → scaling → report.
 
     Without `params`, the run reads params.yaml in its working directory (deployments fill
     them in from params.yaml when deployed)."""
@@ -37,6 +38,8 @@ def pipeline_flow(params: PipelineConfig | None = None, run_scaling: bool = True
         validate_flow(config=params.section("validate"))
         for pool in params.pretrain.pools:
             pretrain_flow(config=params.pretrain, pool=pool)
+        for pool in params.supervised.pools:
+            supervised_flow(config=params.supervised, pretrain=params.pretrain, pool=pool)
         finetune_flow(config=params.finetune)
         interpolate_flow(config=params.interpolate)
         summary = evaluate_flow(config=params.evaluate)

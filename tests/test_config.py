@@ -45,6 +45,7 @@ def test_repository_params_file_is_valid_and_complete():
             "fetch",
             "validate",
             "pretrain",
+            "supervised",
             "finetune",
             "interpolate",
             "evaluate",
@@ -182,7 +183,7 @@ def test_moving_a_folder_with_its_readers_is_fine(tmp_path):
     assert params.scaling.data_dir == data
 
 
-@pytest.mark.parametrize("key", ["finetune", "interpolate"])
+@pytest.mark.parametrize("key", ["finetune", "interpolate", "supervised"])
 def test_evaluate_reads_the_models_under_models_dir(tmp_path, key):
     overrides: dict[str, Any] = {key: {"out_dir": "results/" + key}}
     if key == "finetune":  # keep interpolate reading what finetune writes

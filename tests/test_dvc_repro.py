@@ -66,6 +66,7 @@ def test_stage_list_shows_every_stage(repo_copy):
         "validate",
         "pretrain@diverse",
         "pretrain@narrow",
+        "supervised@diverse",
         "finetune",
         "interpolate",
         "evaluate",
@@ -103,7 +104,7 @@ def test_whole_study_end_to_end(repo_copy):
     _run(["dvc", "repro"], dest, env, timeout=1800)
     evaluate = json.loads((dest / "metrics/evaluate.json").read_text())
     kinds = {m["kind"] for m in evaluate["models"].values()}
-    assert {"baseline", "zeroshot", "finetuned", "linear", "wiseft", "soup"} <= kinds
+    assert {"baseline", "zeroshot", "finetuned", "linear", "wiseft", "soup", "supervised"} <= kinds
     for model in evaluate["models"].values():
         assert 0.0 <= model["id_accuracy"] <= 1.0
         assert set(model["effective_robustness"]) == set(evaluate["baseline_fit"]) - {"avg"}

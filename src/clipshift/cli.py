@@ -20,12 +20,14 @@ STAGES = (
     "fetch",
     "validate",
     "pretrain",
+    "supervised",
     "finetune",
     "interpolate",
     "evaluate",
     "scaling",
     "report",
 )
+POOL_STAGES = ("pretrain", "supervised")  # run once per pool: `--pool` picks one
 
 
 def _quiet_defaults() -> None:
@@ -59,10 +61,12 @@ def run_stage(stage: str, params_path: str, pool: str | None = None) -> object:
 
     params = load_params(params_path)  # the whole file: a typo anywhere fails before any work
     config = None if stage == "pipeline" else params.section(stage)
-    if stage == "pretrain" and pool is not None and pool not in params.pretrain.pools:
-        raise ClipshiftError(
-            f"pool '{pool}' is not in pretrain.pools {params.pretrain.pools}; add it in params.yaml"
-        )
+    if stage in POOL_STAGES and pool is not None:
+        listed = getattr(params, stage).pools
+        if pool not in listed:
+            raise ClipshiftError(
+                f"pool '{pool}' is not in {stage}.pools {listed}; add it in params.yaml"
+            )
     flow = _flow_for(stage)
     if server is not None:
         from clipshift import tracking
@@ -73,6 +77,9 @@ def run_stage(stage: str, params_path: str, pool: str | None = None) -> object:
         return flow(params=params)
     if stage == "pretrain" and pool is not None:
         return flow(config=config, pool=pool)
+    if stage == "supervised":
+        pools = [pool] if pool is not None else params.supervised.pools
+        return [flow(config=config, pretrain=params.pretrain, pool=p) for p in pools]
     if stage == "scaling":
         return flow(config=config, pretrain=params.pretrain, finetune=params.finetune)
     return flow(config=config)
@@ -86,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for stage in STAGES:
         cmd = sub.add_parser(stage, help=f"run the {stage} stage")
-        if stage == "pretrain":
-            cmd.add_argument("--pool", help="pretrain on this pool only (one of pretrain.pools)")
+        if stage in POOL_STAGES:
+            cmd.add_argument("--pool", help=f"{stage} on this pool only (one of {stage}.pools)")
     sub.add_parser("pipeline", help="run every stage in order as one Prefect flow")
     sub.add_parser("check-params", help="validate params.yaml and print the resolved config")
     deploy = sub.add_parser("deploy", help="create Prefect deployments for every flow")

@@ -386,6 +386,47 @@ class PretrainConfig(TrainLoopConfig):
 
 
 # --------------------------------------------------------------------------------------------
+# supervised: Fang et al.'s control (a)
+
+
+class SupervisedConfig(StrictModel):
+    """Fang et al. (2022)'s control (a): a supervised image classifier trained with
+    cross-entropy on a pool's images, the label of each image being its emoji (the pool
+    sample's ``codepoint``), at CLIP's compute. Everything that sets the training (model,
+    seed, samples, batch size, optimiser, LR schedule, precision, device) is the pretrain
+    section's: the classifier is CLIP's image tower, freshly initialised as pretrain does, and
+    sees the same images in the same order and crops; it skips the text tower."""
+
+    # Paths, the pool list (each pool is its own run) and the scoring batch cannot change
+    # the trained weights (clipshift.training_spec).
+    RESULT_NEUTRAL: ClassVar[frozenset[str]] = frozenset(
+        {"data_dir", "out_dir", "pools", "eval_batch_size"}
+    )
+
+    data_dir: str = Field("data/fetch", description="Output of fetch (pools, manifest, val).")
+    out_dir: str = Field(
+        "models/supervised",
+        description="One folder per pool holding supervised-<pool>.pt and its index.json "
+        "(evaluate scores it with the other models); must sit directly under "
+        "evaluate.models_dir.",
+    )
+    pools: list[str] = Field(
+        default_factory=lambda: ["diverse"],
+        description="Pools to train on (each must be a pretrain pool): one classifier each.",
+    )
+    eval_batch_size: int = Field(
+        256, ge=1, le=65536, description="Batch size of the val-accuracy pass (not training)."
+    )
+
+    @field_validator("pools")
+    @classmethod
+    def _pools_not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("list at least one pool, e.g. [diverse]")
+        return value
+
+
+# --------------------------------------------------------------------------------------------
 # finetune
 
 
@@ -697,6 +738,7 @@ class PipelineConfig(StrictModel):
     fetch: FetchConfig
     validate_: ValidateConfig = Field(alias="validate")  # `validate` is a BaseModel method
     pretrain: PretrainConfig
+    supervised: SupervisedConfig
     finetune: FinetuneConfig
     interpolate: InterpolateConfig
     evaluate: EvaluateConfig
@@ -741,6 +783,7 @@ READS_WHAT_WRITES = [
     ("pretrain.data_dir", "fetch.out_dir"),
     ("finetune.data_dir", "fetch.out_dir"),
     ("finetune.pretrain_dir", "pretrain.out_dir"),
+    ("supervised.data_dir", "fetch.out_dir"),
     ("interpolate.data_dir", "fetch.out_dir"),
     ("interpolate.finetune_dir", "finetune.out_dir"),
     ("evaluate.data_dir", "fetch.out_dir"),
@@ -776,7 +819,8 @@ def cross_section_problems(p: PipelineConfig) -> list[str]:
             )
     models = p.evaluate.models_dir
     for key, out in (("finetune.out_dir", p.finetune.out_dir),
-                     ("interpolate.out_dir", p.interpolate.out_dir)):  # fmt: skip
+                     ("interpolate.out_dir", p.interpolate.out_dir),
+                     ("supervised.out_dir", p.supervised.out_dir)):  # fmt: skip
         if not _same_path(os.path.dirname(os.path.normpath(out)) or ".", models):
             problems.append(
                 f"{key} = '{out}' is not a folder directly under evaluate.models_dir = '{models}' "
@@ -796,6 +840,13 @@ def cross_section_problems(p: PipelineConfig) -> list[str]:
             f"finetune.pool = '{p.finetune.pool}' is not in pretrain.pools {p.pretrain.pools}: "
             "finetune adapts a model that pretrain trains; set finetune.pool to one of them or "
             f"add '{p.finetune.pool}' to pretrain.pools"
+        )
+    unknown = [pool for pool in p.supervised.pools if pool not in p.pretrain.pools]
+    if unknown:
+        problems.append(
+            f"supervised.pools lists {unknown}, which are not in pretrain.pools "
+            f"{p.pretrain.pools}: the supervised control trains at the compute of a CLIP that "
+            "pretrain trains on the same pool; remove them or add them to pretrain.pools"
         )
     built = fetched_pools(p.fetch)
     # Without any pool, fetch serves evaluation only (README: 'Evaluating on ImageNet'); the

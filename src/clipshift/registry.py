@@ -1,8 +1,10 @@
 """The models index: which model files a stage wrote, and what each one is.
 
 Every model-producing stage (finetune, interpolate) writes ``<out_dir>/index.json``, a list of
-:class:`ModelEntry`. The evaluate stage globs ``<models_dir>/*/index.json`` and evaluates every
-entry, so adding a new kind of model never needs an edit to evaluate's input list.
+:class:`ModelEntry`; a stage run once per pool (supervised) writes one per pool folder,
+``<out_dir>/<pool>/index.json``. The evaluate stage globs ``<models_dir>/*/index.json`` and
+``<models_dir>/*/*/index.json`` and evaluates every entry, so adding a new kind of model never
+needs an edit to evaluate's input list.
 
 Paths are stored relative to the index's own directory, so a ``models/`` tree can be moved (or
 pulled from a DVC remote elsewhere) without rewriting indices; :func:`read_indices` turns them
@@ -22,9 +24,11 @@ from clipshift.errors import DataError
 from clipshift.io_utils import write_json_atomic
 
 INDEX_FILE = "index.json"
+# a stage's index, or one per pool folder of a stage run once per pool (DVC foreach)
+INDEX_GLOBS = (f"*/{INDEX_FILE}", f"*/*/{INDEX_FILE}")
 PRETRAINED_FILE = "checkpoint.pt"  # <pretrain out_dir>/<pool>/checkpoint.pt
 
-Kind = Literal["baseline", "zeroshot", "finetuned", "linear", "knn", "wiseft", "soup"]
+Kind = Literal["baseline", "zeroshot", "finetuned", "linear", "knn", "wiseft", "soup", "supervised"]
 
 
 class ModelEntry(BaseModel):
@@ -82,11 +86,13 @@ def read_index(index_path: str | Path) -> list[ModelEntry]:
 
 
 def read_indices(models_dir: str | Path) -> list[ModelEntry]:
-    """All entries of ``<models_dir>/*/index.json`` (sorted by stage directory); ids are unique."""
+    """All entries of the indices under ``models_dir`` (:data:`INDEX_GLOBS`, sorted by path);
+    ids are unique."""
     models_dir = Path(models_dir)
     entries: list[ModelEntry] = []
     seen: dict[str, Path] = {}
-    for index_path in sorted(models_dir.glob(f"*/{INDEX_FILE}")):
+    found = {path for pattern in INDEX_GLOBS for path in models_dir.glob(pattern)}
+    for index_path in sorted(found):
         for entry in read_index(index_path):
             if entry.id in seen:
                 raise DataError(
