@@ -350,4 +350,4 @@ def test_default_grid_holds_the_default_pretrain_run_in_its_family():
         assert text["width"] == member["embed_dim"] == p.width and text["layers"] == p.layers
         assert text["width"] // text["heads"] == 32  # the main model's text head width
         flops.add(clip_flops_per_sample(member)["total"] * p.samples)
-    assert len(flops) >= 5  # enough distinct compute for a frontier fit with a hold-out
+    assert len(flops) >= 5  # enough distinct compute for a frontier fit, its CI and hold-out
