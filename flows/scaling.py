@@ -20,7 +20,8 @@ from flows._common import publish_metrics, report_table, tracked_stage
 
 
 @task(name="scaling-run", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      task_run_name="scaling-{pool}-{point.width}x{point.layers}-{point.samples}")  # fmt: skip
+      task_run_name="scaling-{pool}-{point.width}x{point.layers}-{point.samples}"
+                    "-f{fraction}")  # fmt: skip
 def scaling_run(
     config: ScalingConfig,
     pretrain: PretrainConfig,
@@ -29,8 +30,9 @@ def scaling_run(
     inputs: GridInputs,
     tracker: tracking.MlflowTracker,
     progress: bool,
+    fraction: float = 1.0,
 ) -> dict:
-    return train_and_evaluate(config, pretrain, pool, point, inputs, tracker, progress)
+    return train_and_evaluate(config, pretrain, pool, point, inputs, tracker, progress, fraction)
 
 
 @flow(name="scaling", log_prints=True)
@@ -39,7 +41,8 @@ def scaling_flow(
     pretrain: PretrainConfig = PretrainConfig(),
     finetune: FinetuneConfig = FinetuneConfig(),
 ) -> dict:
-    """Pretrain the model-size × samples grid on every pool, evaluate, fit E = A·C^exponent.
+    """Pretrain the model-size × samples grid on every pool (the pretrain run reused), evaluate
+    under shift, run the pool-size ablation, fit E = A·C^exponent on the compute frontier.
 
     Every run takes the pretrain section's loop settings and is scored with the finetune
     section's prompt templates and linear-probe settings."""
@@ -51,7 +54,8 @@ def scaling_flow(
         summary = run_scaling(
             config, pretrain, finetune, tracker, False, write_metrics=False, run_point=scaling_run
         )
-        metrics = {"fits": summary["fits"], "runs": summary["runs"]}
+        keys = ("fits", "fits_all_runs", "runs", "pool_size", "findings")
+        metrics = {k: summary[k] for k in keys}
         publish_metrics(tracker, config.metrics_path, metrics)
         report_table(
             "scaling-runs", [_run_line(r) for r in summary["runs"]], "Scaling runs (accuracies)"
@@ -59,7 +63,7 @@ def scaling_flow(
         report_table(
             "scaling-exponent",
             summary["comparison"],
-            "Fitted exponent of error vs training FLOPs, per task and pool (95% CI)",
+            "Exponent of error vs training FLOPs on the compute-Pareto frontier (95% CI)",
         )
         for line in summary["comparison"]:
             print(line)
@@ -67,6 +71,7 @@ def scaling_flow(
 
 
 def _run_line(row: dict) -> dict:
-    keep = ("width", "layers", "samples", "params", "flops", "zeroshot_accuracy",
-            "retrieval_recall_5", "linear_probe_accuracy", "reused")  # fmt: skip
+    keep = ("width", "layers", "samples", "params_non_embedding", "flops", "zeroshot_accuracy",
+            "effective_robustness_avg", "retrieval_recall_5", "linear_probe_accuracy",
+            "on_frontier", "reused")  # fmt: skip
     return {"run": f"{row['pool']}/{row['run']}", **{k: row.get(k) for k in keep}}

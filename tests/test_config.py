@@ -229,8 +229,11 @@ def test_pretrain_batch_must_split_over_ranks_and_accumulation(tmp_path):
     assert "pretrain.batch_size = 128 does not split into pretrain.accum_steps (2) × " in msg
     assert "pretrain.distributed ranks (3 = nproc_per_node × nnodes)" in msg
     assert "divisible by 6" in msg
-    msg = load_error(tmp_path, {"pretrain": {"accum_steps": 3, "batch_size": 129}})
+    overrides = {"pretrain": {"accum_steps": 3, "batch_size": 129}, "scaling": {"batch_size": 64}}
+    msg = load_error(tmp_path, overrides)
     assert "scaling.batch_size = 64 does not split into pretrain.accum_steps (3)" in msg
+    # unset, the scaling runs take pretrain's batch, which already splits
+    load_params(write_params(tmp_path, {"pretrain": {"accum_steps": 3, "batch_size": 129}}))
 
 
 def test_a_run_needs_at_least_one_batch(tmp_path):

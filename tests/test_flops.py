@@ -12,7 +12,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from clipshift.errors import ConfigError
-from clipshift.flops import clip_flops_per_sample, count_params, training_flops
+from clipshift.flops import (
+    clip_flops_per_sample,
+    count_params,
+    count_params_non_embedding,
+    training_flops,
+)
 
 TINY = {
     "embed_dim": 64,
@@ -42,6 +47,22 @@ def test_count_params_matches_create_model(tmp_path):
     actual = sum(p.numel() for p in model.parameters())
     assert abs(count_params(TINY) - actual) <= 0.02 * actual
     assert count_params(TINY) == actual  # in fact exact
+
+
+def test_non_embedding_params_leave_out_the_token_table_only(tmp_path):
+    """Hand count on a real open_clip model: every parameter but token_embedding.weight."""
+    (tmp_path / "clipshift-test-tiny.json").write_text(json.dumps(TINY))
+    open_clip.add_model_config(tmp_path / "clipshift-test-tiny.json")
+    model = open_clip.create_model("clipshift-test-tiny", device="cpu")
+    by_name = dict(model.named_parameters())
+    table = by_name["token_embedding.weight"]
+    assert table.shape == (100, 64)  # vocab_size × text width
+    hand = sum(p.numel() for n, p in by_name.items() if n != "token_embedding.weight")
+    assert count_params_non_embedding(TINY) == hand
+    assert count_params(TINY) - count_params_non_embedding(TINY) == 6400
+    # at the real vocabulary the table is most of a tiny CLIP: the reason for the measure
+    big = {**TINY, "text_cfg": {**TINY["text_cfg"], "vocab_size": 49408}}
+    assert count_params_non_embedding(big) < 0.2 * count_params(big)
 
 
 def test_count_params_odd_config():

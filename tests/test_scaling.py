@@ -10,12 +10,17 @@ import pytest
 
 from clipshift.errors import DataError
 from clipshift.methods.scaling_laws import (
+    MIN_CI_POINTS,
     PowerLawFit,
+    fit_frontier,
+    fit_frontier_table,
     fit_power_law,
     fit_scaling_table,
     holdout_error,
+    pareto_frontier,
     predict,
     prediction_band,
+    r2_bootstrap_ci,
 )
 
 X = np.geomspace(1e9, 1e13, 8)
@@ -176,3 +181,87 @@ def test_fit_to_dict_drops_draws():
     fit = fit_power_law(X, 3.0 * X**-0.12, bootstrap=50)
     assert isinstance(fit, PowerLawFit) and fit.draws is not None
     assert "draws" not in fit.to_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# the compute-Pareto frontier (Cherti et al. 2023)
+
+#: Frontier runs on E = 2·C^-0.1 exactly, and runs each dominated by a cheaper, better one.
+FRONT_X = np.geomspace(1e10, 1e13, 6)
+FRONT_Y = 2.0 * FRONT_X**-0.1
+# each: more compute than a frontier run and 30 % more error than it (an off-size model)
+OFF_X = np.concatenate([FRONT_X[[0, 2, 4]] * 1.5, FRONT_X[[5]]])
+OFF_Y = np.concatenate([FRONT_Y[[0, 2, 4]], FRONT_Y[[5]]]) * 1.3
+
+
+def _mixed():
+    x = np.concatenate([OFF_X, FRONT_X])
+    y = np.concatenate([OFF_Y, FRONT_Y])
+    return x, y
+
+
+def test_frontier_keeps_exactly_the_undominated_runs():
+    x, y = _mixed()
+    front = pareto_frontier(x, y)
+    assert sorted(front.tolist()) == list(range(4, 10))  # every off-size run is out
+    assert np.all(np.diff(x[front]) > 0)  # cheapest first
+    # the literal rule: a run is out iff some run with <= compute has a lower error
+    for i in range(x.size):
+        beaten = any(x[j] <= x[i] and y[j] < y[i] for j in range(x.size))
+        assert beaten == (i not in front)
+
+
+def test_frontier_ties_and_a_single_best_run():
+    # equal compute: the higher error is dominated; equal compute and error: both stay
+    assert pareto_frontier([1, 1, 2], [0.5, 0.6, 0.4]).tolist() == [0, 2]
+    assert sorted(pareto_frontier([1, 1], [0.5, 0.5]).tolist()) == [0, 1]
+    # the cheapest run is best: nothing else is on the frontier
+    assert pareto_frontier([1, 2, 3], [0.1, 0.2, 0.3]).tolist() == [0]
+
+
+def test_frontier_fit_recovers_the_law_that_all_runs_miss():
+    x, y = _mixed()
+    fit = fit_frontier(x, y, bootstrap=200)
+    assert fit["exponent"] == pytest.approx(-0.1, abs=1e-9)
+    assert fit["A"] == pytest.approx(2.0, rel=1e-8)
+    assert fit["r2"] == pytest.approx(1.0, abs=1e-12) and fit["n"] == 6
+    assert fit["holdout_rel_error"] < 1e-9
+    lo, hi = fit["r2_ci95"]  # noise-free frontier: every resample fits exactly
+    assert lo == pytest.approx(1.0, abs=1e-9) and hi == pytest.approx(1.0, abs=1e-9)
+    everything = fit_power_law(x, y, bootstrap=0)
+    assert everything.r2 < 0.8 and everything.A < 1.95  # the off-size runs drag it off
+
+
+def test_frontier_holdout_error_on_synthetic_data():
+    # the largest-compute frontier run sits 10 % above the law the others follow exactly
+    y = FRONT_Y.copy()
+    y[-1] *= 1.10
+    fit = fit_frontier(FRONT_X, y, bootstrap=0)
+    assert fit["holdout_rel_error"] == pytest.approx(0.1 / 1.1, rel=1e-9)  # |pred - obs| / obs
+    assert fit["r2_ci95"] is None  # bootstrap=0
+
+
+def test_r2_ci_needs_enough_points_and_brackets_noisy_r2():
+    rng = np.random.default_rng(4)
+    x = np.geomspace(1e10, 1e13, 8)
+    y = 2.0 * x**-0.1 * np.exp(rng.normal(0, 0.03, x.size))
+    lo, hi = r2_bootstrap_ci(x, y, False, 500, 0)
+    assert 0.0 < lo < fit_power_law(x, y, bootstrap=0).r2 <= hi <= 1.0
+    few = MIN_CI_POINTS - 1
+    assert r2_bootstrap_ci(x[:few], y[:few], False, 500, 0) is None
+
+
+def test_frontier_table_names_runs_and_groups():
+    x, y = _mixed()
+    runs = [
+        {"pool": pool, "task": "zeroshot", "run": f"r{i}", "flops": xi, "accuracy": 1 - yi}
+        for pool in ("diverse", "narrow")
+        for i, (xi, yi) in enumerate(zip(x, y, strict=True))
+    ]
+    fits = fit_frontier_table(runs, "accuracy", bootstrap=50)
+    json.dumps(fits, allow_nan=False)
+    assert set(fits) == {"zeroshot/diverse/vs_flops", "zeroshot/narrow/vs_flops"}
+    fit = fits["zeroshot/diverse/vs_flops"]
+    assert fit["frontier_runs"] == [f"r{i}" for i in range(4, 10)]
+    assert fit["n"] == 6 and fit["n_runs"] == 10 and fit["pool"] == "diverse"
+    assert fit["exponent"] == pytest.approx(-0.1, abs=1e-9)

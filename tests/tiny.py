@@ -75,6 +75,10 @@ def tiny_params() -> dict[str, Any]:
                     {"width": 32, "layers": 1, "samples": 128},
                     {"width": 64, "layers": 1, "samples": 128},
                 ],
+                "pool_size": {
+                    "fractions": [0.5, 1.0],
+                    "run": {"width": 32, "layers": 1, "samples": 64},
+                },
                 "bootstrap": 20,
                 "batch_size": 32,
             },

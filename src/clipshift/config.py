@@ -690,11 +690,45 @@ class ScalingRun(StrictModel):
 
 
 def _default_scaling_grid() -> list[ScalingRun]:
-    # Measured on the built-in world (2 CPU cores): deeper towers barely learn in a few
-    # minutes, samples seen is what lowers the error; this grid spans 10x compute in ~4 min.
+    # The main model's family (clipshift-vit-tiny-p8: patch 8, 32 px, 16-token context, head
+    # width 32) at 1/4 and 1/2 width, 1-2 layers, 10k-40k samples: 3e10-9e11 FLOPs, and the
+    # default pretrain run (width 128, 4 layers, pretrain.samples: 1.3e13) that the stage adds
+    # and reuses (include_pretrain_run). Measured on 2 CPU cores, 1 thread, batch 128:
+    # 2000 samples/s at w32-l1, 1650 at w32-l2, 700 at w64-l2: ~85 s of training a pool.
+    # Every run of it was on the zero-shot frontier of both pools on the built-in world.
     return [
-        ScalingRun(width=w, layers=1, samples=s) for w in (32, 48) for s in (10000, 20000, 50000)
+        ScalingRun(width=32, layers=1, samples=10000),
+        ScalingRun(width=32, layers=1, samples=20000),
+        ScalingRun(width=32, layers=2, samples=20000),
+        ScalingRun(width=64, layers=2, samples=40000),
     ]
+
+
+class PoolSizeConfig(StrictModel):
+    """Fang et al.'s control (b): one model trained on nested subsets of each pool for the
+    same number of samples seen, so only the number of distinct pairs changes."""
+
+    fractions: list[float] = Field(
+        default_factory=lambda: [0.25, 0.5, 1.0],
+        description="Fractions of the pool's distinct pairs; nested (each subset holds the "
+        "smaller ones). 1.0 is the grid run itself when the run is a grid point (reused).",
+    )
+    run: ScalingRun | None = Field(
+        default_factory=lambda: ScalingRun(width=32, layers=2, samples=20000),
+        description="Model (in the main model's family) and samples seen; null: no ablation. "
+        "The default is a grid point (its whole-pool run is reused): on 2 CPU cores a subset "
+        "run of the main model costs ~270 s, of w64-l2 at 40k samples ~57 s, of this ~12 s.",
+    )
+    pools: list[str] | None = Field(
+        None, description="Pools to ablate; null: every pool of the scaling section."
+    )
+
+    @field_validator("fractions")
+    @classmethod
+    def _in_unit_interval(cls, value: list[float]) -> list[float]:
+        if any(not 0.0 < f <= 1.0 for f in value):
+            raise ValueError(f"fractions must lie in (0, 1], got {value}")
+        return sorted(set(value))
 
 
 class ScalingConfig(StrictModel):
@@ -706,14 +740,35 @@ class ScalingConfig(StrictModel):
     metrics_path: str = Field("metrics/scaling.json")
     plots_dir: str = Field("plots/scaling")
     pools: list[str] = Field(default_factory=lambda: ["diverse", "narrow"])
-    grid: list[ScalingRun] = Field(default_factory=_default_scaling_grid)
+    grid: list[ScalingRun] = Field(
+        default_factory=_default_scaling_grid,
+        description="(width, layers, samples) in the family of pretrain.model: patch size, "
+        "image size, context, head width and embed/text-width ratios are the main model's.",
+    )
+    include_pretrain_run: bool = Field(
+        True,
+        description="Add the default pretrain run (pretrain.model, pretrain.samples) as a grid "
+        "point, reusing models/pretrain/<pool> when its training spec matches.",
+    )
+    pool_size: PoolSizeConfig = Field(default_factory=PoolSizeConfig)
+    baseline_metrics: str | None = Field(
+        "metrics/evaluate.json",
+        description="evaluate's metrics: its baseline_fit lines give each run's effective "
+        "robustness per shift (null or missing file: accuracies only).",
+    )
     irreducible: bool = Field(
         False, description="Fit E = A*C^exponent + E_inf instead of a pure power law."
     )
     bootstrap: int = Field(1000, ge=10, le=100000, description="Bootstrap resamples for the CIs.")
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    seed: int = Field(0, ge=0)
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="null: pretrain.batch_size (needed for the pretrain run to be a grid point).",
+    )
+    lr: float | None = Field(None, gt=0, description="null: pretrain.lr (as batch_size).")
+    seed: int = Field(
+        0, ge=0, description="Bootstrap, probe and subset seed; runs train with pretrain.seed."
+    )
 
     @field_validator("grid")
     @classmethod
@@ -723,6 +778,9 @@ class ScalingConfig(StrictModel):
                 f"a power-law fit with a hold-out needs at least 3 runs, got {len(value)}"
             )
         return value
+
+    def train_batch(self, pretrain: PretrainConfig) -> int:
+        return self.batch_size or pretrain.batch_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -879,9 +937,10 @@ def cross_section_problems(p: PipelineConfig) -> list[str]:
             f"({pre.accum_steps}) × pretrain.distributed ranks ({ranks} = nproc_per_node × "
             f"nnodes) equal micro-batches; use a batch_size divisible by {pre.accum_steps * ranks}"
         )
-    if p.scaling.batch_size % pre.accum_steps:
+    scaling_batch = p.scaling.train_batch(pre)
+    if scaling_batch % pre.accum_steps:
         problems.append(
-            f"scaling.batch_size = {p.scaling.batch_size} does not split into "
+            f"scaling.batch_size = {scaling_batch} does not split into "
             f"pretrain.accum_steps ({pre.accum_steps}) micro-batches (scaling runs take "
             "pretrain's loop settings); make it divisible or change pretrain.accum_steps"
         )
@@ -890,11 +949,11 @@ def cross_section_problems(p: PipelineConfig) -> list[str]:
             f"pretrain.samples = {pre.samples} is less than one batch (pretrain.batch_size = "
             f"{pre.batch_size}); raise samples or lower batch_size"
         )
-    short = [r.samples for r in p.scaling.grid if r.samples < p.scaling.batch_size]
+    short = [r.samples for r in p.scaling.grid if r.samples < scaling_batch]
     if short:
         problems.append(
             f"scaling.grid has runs of {short} samples, less than one batch (scaling.batch_size"
-            f" = {p.scaling.batch_size}); raise their samples or lower scaling.batch_size"
+            f" = {scaling_batch}); raise their samples or lower scaling.batch_size"
         )
     return problems
 

@@ -131,6 +131,21 @@ def count_params(model_cfg: Mapping[str, Any]) -> int:
     return int(n)
 
 
+def token_embedding_params(model_cfg: Mapping[str, Any]) -> int:
+    """Rows of the text tower's token-embedding table (vocab_size × text width)."""
+    _, text = _check(model_cfg)
+    t_width, _, _ = _tower_dims(text, {"width": 512, "layers": 12})
+    return int(text.get("vocab_size", 49408)) * t_width
+
+
+def count_params_non_embedding(model_cfg: Mapping[str, Any]) -> int:
+    """Parameters without the text token-embedding table, the size measure of scaling laws
+    (Kaplan et al. 2020 count non-embedding parameters). In a tiny CLIP with a 49 408-token
+    vocabulary that table is most of the model, and it costs no compute: a lookup, not a
+    matmul. Positional embeddings stay in (they are tiny and used at every position)."""
+    return count_params(model_cfg) - token_embedding_params(model_cfg)
+
+
 def flops_metrics(model_config: dict[str, Any], samples: int) -> dict[str, float]:
     """FLOPs per sample and of a whole training run (3× forward), or {} for an architecture
     the analytic count does not cover."""

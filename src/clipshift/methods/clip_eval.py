@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from clipshift.classifier import (
+    ImageClassifier,
     extract_features,
     module_device,
     to_model_input,
@@ -39,11 +40,15 @@ class ClipEvalData:
     test: LabelledData
     retrieval_images: torch.Tensor  # uint8 N×3×H×W, resized to the model by retrieval_recall
     retrieval_captions: list[str]
+    #: Shift sets over the task's whole label space, scored with the same zero-shot head.
+    shifts: dict[str, LabelledData] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         """Identifies the evaluation samples (which keys survived the exclusions)."""
-        text = "\n".join([*self.train.keys, "|", *self.test.keys, "|", *self.retrieval_captions])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        parts = [*self.train.keys, "|", *self.test.keys, "|", *self.retrieval_captions]
+        for name in sorted(self.shifts):  # no shifts: the fingerprint of earlier versions
+            parts += ["|", name, *self.shifts[name].keys]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,8 @@ def evaluate_clip(
     seed: int = 0,
     device: torch.device | None = None,
 ) -> dict[str, float]:
-    """Zero-shot top-1, linear-probe top-1 (train → test) and retrieval recalls of a CLIP."""
+    """Zero-shot top-1, linear-probe top-1 (train → test) and retrieval recalls of a CLIP;
+    with shift sets, ``zeroshot_shift_accuracy`` ``{shift: zero-shot top-1}`` too."""
     device = device or module_device(bundle.model)
     zs = zeroshot_classifier(bundle, data.classes, protocol.templates)
     # One feature pass per split serves both the zero-shot head and the probe.
@@ -124,8 +130,20 @@ def evaluate_clip(
     )
     with torch.inference_mode():
         probe_logits = head(F.normalize(f_test.float(), dim=-1))
-    return {
+    out: dict = {
         "zeroshot_accuracy": top1(zs_logits, data.test.labels),
         "linear_probe_accuracy": top1(probe_logits, data.test.labels),
         **mean_retrieval_recalls(bundle, data, device),
     }
+    if data.shifts:
+        out["zeroshot_shift_accuracy"] = {
+            name: _zeroshot_top1(zs, shift, device) for name, shift in sorted(data.shifts.items())
+        }
+    return out
+
+
+def _zeroshot_top1(zs: ImageClassifier, data: LabelledData, device: torch.device) -> float:
+    features = extract_features(zs.visual, data.images, FEATURE_BATCH, None, device)
+    with torch.inference_mode():
+        logits = zs.head(zs.prepare(features.to(device))).cpu()
+    return top1(logits, data.labels)

@@ -8,6 +8,11 @@ log E − log(A·x^exponent + E_inf) with E_inf ∈ [0, min E). Working in log s
 point by its *relative* error, as the scaling-law literature does. R² is reported in log-E
 space for both models.
 
+Cherti et al. (2023) fit the *compute-Pareto frontier*: the runs that no cheaper run beats
+(:func:`pareto_frontier`), since a run with a poorly chosen size for its compute says little
+about what compute buys. :func:`fit_frontier_table` fits those; :func:`fit_scaling_table` fits
+every run (kept as the secondary view).
+
 Confidence intervals are percentile bootstrap intervals over resampled points. Resamples with
 no more distinct x values than the model has parameters are dropped (when the data allow):
 they are interpolated exactly and would only add arbitrary extrapolations.
@@ -283,6 +288,69 @@ def holdout_error(x: ArrayLike, y: ArrayLike, irreducible: bool = False) -> dict
 
 
 # --------------------------------------------------------------------------------------------
+# the compute-Pareto frontier
+
+#: Fewest frontier points for a bootstrap CI of R²: with 4 there are only 35 distinct
+#: resamples, most of them degenerate, and the interval would be an artefact of that.
+MIN_CI_POINTS = 5
+
+
+def pareto_frontier(x: ArrayLike, y: ArrayLike) -> np.ndarray:
+    """Indices (by increasing x) of the points no other point dominates: point i is on the
+    frontier unless some j has x_j <= x_i and y_j < y_i (less or equal compute, lower error)."""
+    xs, ys = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
+    if xs.size != ys.size:
+        raise ValueError(f"x has {xs.size} values but y has {ys.size}")
+    dominated = ((xs[None, :] <= xs[:, None]) & (ys[None, :] < ys[:, None])).any(axis=1)
+    keep = np.flatnonzero(~dominated)
+    return keep[np.lexsort((ys[keep], xs[keep]))]
+
+
+def r2_bootstrap_ci(
+    x: ArrayLike, y: ArrayLike, irreducible: bool, n_boot: int, seed: int
+) -> list[float] | None:
+    """95 % percentile interval of the fit's R² over resampled points (None below
+    :data:`MIN_CI_POINTS` points or when too few resamples are usable)."""
+    xs, ys = _as_positive(x, "x"), _as_positive(y, "y")
+    if xs.size < MIN_CI_POINTS or n_boot <= 0:
+        return None
+    lx, ly = np.log(xs), np.log(ys)
+    rng = np.random.default_rng(seed)
+    need = min(_min_distinct(irreducible) + 1, np.unique(lx).size)
+    values = []
+    for idx in rng.integers(0, xs.size, size=(n_boot, xs.size)):
+        bx, by = lx[idx], ly[idx]
+        ss_tot = float(((by - by.mean()) ** 2).sum())
+        if np.unique(bx).size < need or ss_tot <= 0:
+            continue  # an exact interpolation or a flat resample: R² says nothing
+        resid = by - _log_model(_fit_params(bx, by, irreducible), bx)
+        values.append(1.0 - float(resid @ resid) / ss_tot)
+    return _percentile_ci(np.array(values))
+
+
+def fit_frontier(
+    x: ArrayLike, y: ArrayLike, irreducible: bool = False, bootstrap: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """The power law fitted to the Pareto frontier of (x, y): the fit's fields, its
+    ``holdout_rel_error`` (fit without the largest-x frontier point, predict it), ``r2_ci95``
+    (bootstrap over frontier points, None when too few) and ``frontier`` (indices into x)."""
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    front = pareto_frontier(xs, ys)
+    fx, fy = xs[front], ys[front]
+    fit = fit_power_law(fx, fy, irreducible, bootstrap, seed)
+    try:
+        holdout: float | None = holdout_error(fx, fy, irreducible)["rel_error"]
+    except ValueError:
+        holdout = None  # too few frontier points left once the largest is held out
+    return {
+        **fit.to_dict(),
+        "holdout_rel_error": holdout,
+        "r2_ci95": r2_bootstrap_ci(fx, fy, irreducible, bootstrap, seed),
+        "frontier": [int(i) for i in front],
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # the metrics/scaling.json contract
 
 
@@ -320,7 +388,7 @@ def _one_fit(
 
 
 def fit_scaling_table(
-    runs: list[Mapping[str, Any]],
+    runs: Sequence[Mapping[str, Any]],
     y_key: str,
     x_keys: Sequence[str] = ("flops", "samples", "params"),
     group_by: Sequence[str] = ("pool", "task"),
@@ -354,3 +422,44 @@ def fit_scaling_table(
                 continue
             fits[name] = {**entry, "x": x_key, **{k: group[k] for k in group_by}}
     return {"fits": fits, "runs": rows}
+
+
+def fit_frontier_table(
+    runs: Sequence[Mapping[str, Any]],
+    y_key: str,
+    x_key: str = "flops",
+    group_by: Sequence[str] = ("pool", "task"),
+    id_key: str = "run",
+    irreducible: bool = False,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One frontier fit (:func:`fit_frontier`) of error = 1 − run[y_key] on run[x_key] per
+    group, named ``<task>/<pool>/vs_<x_key>``, with ``frontier_runs`` (the runs' ``id_key``,
+    cheapest first) and ``n_runs`` (all runs of the group). Groups whose frontier is too short
+    to fit are skipped with a logged warning."""
+    rows = [dict(r) for r in runs]
+    _require(rows, [*group_by, x_key, y_key, id_key])
+    groups: dict[tuple, list[dict]] = {}
+    for run in rows:
+        groups.setdefault(tuple(run[k] for k in group_by), []).append(run)
+    fits: dict[str, Any] = {}
+    for key in sorted(groups, key=lambda t: tuple(map(str, t))):
+        group, members = dict(zip(group_by, key, strict=True)), groups[key]
+        name = _group_name(group, group_by, x_key)
+        x = np.array([float(r[x_key]) for r in members])
+        y = 1.0 - np.array([float(r[y_key]) for r in members])
+        try:
+            entry = fit_frontier(x, y, irreducible, bootstrap, seed)
+        except ValueError as err:
+            log.warning("skipping frontier fit %s: %s", name, err)
+            continue
+        front = entry.pop("frontier")
+        fits[name] = {
+            **entry,
+            "x": x_key,
+            "frontier_runs": [members[i][id_key] for i in front],
+            "n_runs": len(members),
+            **group,
+        }
+    return fits

@@ -186,9 +186,11 @@ class Pretrainer:
         progress: bool,
         hooks: TrainHooks | None,
         pool_data: loaders.PoolTensors | None = None,
+        spec_extra: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.pool, self.tracker, self.hooks = cfg, pool, tracker, hooks or TrainHooks()
         self.progress, self.pool_data = progress, pool_data
+        self.spec_extra = dict(spec_extra or {})
         load_info(pool_path(cfg, pool))  # fail fast, naming the fix, if fetch has not run
         self.pool_fingerprint = dataset_fingerprint(pool_path(cfg, pool))
         self.dist = D.init_distributed(cfg.device)
@@ -303,6 +305,7 @@ class Pretrainer:
         )
         if self.loader_kind == "stream":  # webdataset workers interleave the shards
             spec["pretrain.workers"] = cfg.workers
+        spec.update(self.spec_extra)
         return canonical(spec)
 
     def claim(self) -> None:
@@ -685,17 +688,22 @@ def run_pretrain(
     progress: bool = True,
     hooks: TrainHooks | None = None,
     pool_data: loaders.PoolTensors | None = None,
+    spec_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Pretrain ``cfg.model`` on ``<cfg.data_dir>/pool-<pool>``; resume if a run was cut off.
 
     Works in one process and under ``torchrun`` (every rank calls it; only rank 0 logs and
     writes files). ``pool_data``: that pool already decoded for this model (the scaling stage
-    decodes each pool once for its whole grid); used by the in-memory loader. Returns the
+    decodes each pool once for its whole grid); used by the in-memory loader. ``spec_extra``:
+    training-spec entries for what the caller did to ``pool_data`` (e.g. took a subset), so
+    the reuse check sees it. Returns the
     metrics also written to ``<out_dir>/<pool>/metrics.json`` plus this process's timings
     (:data:`TIMING_KEYS`; None for a reused run), which are not written there.
     """
     previous_threads = torch.get_num_threads()
-    trainer = Pretrainer(cfg, pool, tracker or NullTracker(), progress, hooks, pool_data)
+    trainer = Pretrainer(
+        cfg, pool, tracker or NullTracker(), progress, hooks, pool_data, spec_extra
+    )
     if trainer.device.type == "cpu":
         T.set_threads(trainer.dist.local_world_size)
     # Two runs on one output folder would interleave resume checkpoints: the second waits.
