@@ -114,20 +114,19 @@ def test_the_same_finding_from_two_stages_is_an_error(tmp_path, sources):
 def test_readme_table_is_generated_between_the_markers(tmp_path, sources):
     cfg = ReportConfig(sources=sources[:1], findings_path=str(tmp_path / "findings.json"))
     report = rp.run_report(cfg)
-    table = rp.results_table(report)
+    table = rp.results_table(report, {})
     lines = table.splitlines()
-    assert lines[2] == "| finding | value | 95% CI | criterion | holds |"
-    assert lines[4] == "| `baselines_on_line` | 0.930 | [0.880, 0.960] | value ≥ 0.90 | yes |"
+    assert lines[2] == "| finding | criterion | value | 95% CI | holds |"
+    assert lines[4] == "| `baselines_on_line` | value ≥ 0.90 | 0.930 | [0.880, 0.960] | yes |"
     assert (
-        "| `finetune_loses_robustness` | 0.040 | [-0.010, 0.090] | ci95 lower bound > 0 | **no** |"
+        "| `finetune_loses_robustness` | ci95 lower bound > 0 | 0.040 | [-0.010, 0.090] | **no** |"
         in lines
     )
-    assert r"| ci95 contains 0, or \|value\| ≤ 0.02 | **no** |" in table  # pipes escaped
-    assert lines[-2].startswith("| `unseen_style_robustness` | -0.010 |") and lines[-2].endswith(
-        "| — |"
-    )
+    assert r"| ci95 contains 0, or \|value\| ≤ 0.02 |" in table  # pipes escaped
+    assert lines[-2].startswith("| `unseen_style_robustness` | reported (no target) | -0.010 |")
+    assert lines[-2].endswith("| — |")
     assert lines[-1] == (
-        "| `scaling_power_law_<pool>` | — | — | R² ≥ 0.90 and hold-out error ≤ 0.05 | "
+        "| `scaling_power_law_<pool>` | R² ≥ 0.90 and hold-out error ≤ 0.05 | — | — | "
         "not computed |"
     )
     readme = tmp_path / "README.md"
@@ -143,6 +142,25 @@ def test_readme_table_is_generated_between_the_markers(tmp_path, sources):
         rp.update_readme(readme, cfg.findings_path)
     with pytest.raises(DataError, match="run `dvc repro report`"):
         rp.update_readme(readme, tmp_path / "absent.json")
+
+
+def test_other_seeds_sit_beside_the_main_run(tmp_path, sources):
+    cfg = ReportConfig(sources=sources[:1], findings_path=str(tmp_path / "findings.json"))
+    report = rp.run_report(cfg)
+    other = json.loads(json.dumps(report))
+    other["findings"]["baselines_on_line"].update(value=0.85, ci95=[0.8, 0.9], holds=False)
+    del other["findings"]["finetune_loses_robustness"]
+    seed_file = tmp_path / "seeds" / "seed-1.json"
+    seed_file.parent.mkdir()
+    seed_file.write_text(json.dumps({**other, "seed": 1, "commit": "abc"}))
+    others = rp.load_other_seeds([seed_file, tmp_path / "seeds" / "seed-2.json"])  # 2: absent
+    assert list(others) == ["seed 1"]
+    lines = rp.results_table(report, others).splitlines()
+    assert "seed-1.json` (seed 1)" in lines[0]
+    assert lines[2].endswith("| value (seed 1) | 95% CI (seed 1) | holds (seed 1) |")
+    assert lines[4].endswith("| yes | 0.850 | [0.800, 0.900] | **no** |")
+    row = next(x for x in lines if x.startswith("| `finetune_loses_robustness`"))
+    assert row.endswith("| **no** | — | — | not computed |")
 
 
 def test_readme_has_one_pair_of_markers():
@@ -161,7 +179,8 @@ def test_readme_results_table_is_generated_from_the_committed_findings():
         "then `python -m clipshift.stages.report readme`"
     )
     readme = (REPO / "README.md").read_text()
-    expected = rp.render_readme(readme, json.loads(findings.read_text()))
+    others = rp.load_other_seeds([REPO / p for p in ReportConfig().other_seeds])
+    expected = rp.render_readme(readme, json.loads(findings.read_text()), others)
     assert readme == expected, (
         "README's results table differs from metrics/findings.json; run "
         "`python -m clipshift.stages.report readme`"

@@ -163,45 +163,70 @@ def _verdict(holds: bool | None) -> str:
     return "—" if holds is None else "yes" if holds else "**no**"
 
 
-def results_table(report: Mapping[str, Any]) -> str:
-    """The Markdown table of ``metrics/findings.json`` (what sits between the markers)."""
+def _value_cells(f: Mapping[str, Any] | None) -> list[str]:
+    if f is None:
+        return ["—", "—", "not computed"]
+    lo, hi = f["ci95"]
+    return [f"{f['value']:.3f}", f"[{lo:.3f}, {hi:.3f}]", _verdict(f["holds"])]
+
+
+def results_table(report: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]]) -> str:
+    """The Markdown table of ``metrics/findings.json`` (what sits between the markers), with
+    value, interval and verdict of each other seed's run beside the main one's."""
     findings = report["findings"]
-    rows = [
-        "| finding | value | 95% CI | criterion | holds |",
-        "|---|---|---|---|---|",
-    ]
-    for fid in _ordered(findings):
-        f = findings[fid]
-        lo, hi = f["ci95"]
-        rows.append(
-            f"| `{fid}` | {f['value']:.3f} | [{lo:.3f}, {hi:.3f}] | {_cell(f['criterion'])} | "
-            f"{_verdict(f['holds'])} |"
-        )
-    for key in report.get("missing", []):
-        rows.append(f"| `{key}` | — | — | {_cell(TARGETS[key].criterion)} | not computed |")
+    head = ["finding", "criterion", "value", "95% CI", "holds"]
+    for label in others:
+        head += [f"value ({label})", f"95% CI ({label})", f"holds ({label})"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for fid in [*_ordered(findings), *report.get("missing", [])]:
+        key = target_key(fid)
+        criterion = findings[fid]["criterion"] if fid in findings else TARGETS[key or fid].criterion
+        cells = [f"`{fid}`", _cell(criterion), *_value_cells(findings.get(fid))]
+        for other in others.values():
+            cells += _value_cells(other["findings"].get(fid))
+        rows.append("| " + " | ".join(cells) + " |")
     note = (
-        "Generated from `metrics/findings.json` by `python -m clipshift.stages.report readme`; "
-        "do not edit by hand."
+        "Generated from `metrics/findings.json`"
+        + "".join(f" and `{o['path']}` ({label})" for label, o in others.items())
+        + " by `python -m clipshift.stages.report readme`; do not edit by hand."
     )
     return "\n".join([note, "", *rows])
 
 
-def render_readme(text: str, report: Mapping[str, Any]) -> str:
+def load_other_seeds(paths: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
+    """The other seeds' findings files that exist, labelled by their seeds."""
+    out = {}
+    for path in map(Path, paths):
+        if path.is_file():
+            other = json.loads(path.read_text())
+            label = f"seed {other['seed']}" if "seed" in other else path.stem
+            out[label] = {**other, "path": str(path)}
+    return out
+
+
+def render_readme(
+    text: str, report: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]] | None = None
+) -> str:
     """``text`` with the part between :data:`BEGIN` and :data:`END` replaced by the table."""
     if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
         raise DataError(f"the README needs one '{BEGIN}' line followed by one '{END}' line")
     head, rest = text.split(BEGIN)
     _, tail = rest.split(END)
-    return f"{head}{BEGIN}\n{results_table(report)}\n{END}{tail}"
+    return f"{head}{BEGIN}\n{results_table(report, others or {})}\n{END}{tail}"
 
 
-def update_readme(readme: str | Path, findings_path: str | Path, check: bool = False) -> bool:
+def update_readme(
+    readme: str | Path,
+    findings_path: str | Path,
+    check: bool = False,
+    other_seeds: Sequence[str | Path] = (),
+) -> bool:
     """Rewrite the README's results table (``check``: only compare); True when it changed."""
     path, source = Path(readme), Path(findings_path)
     if not source.is_file():
         raise DataError(f"{source} does not exist; run `dvc repro report` first")
     text = path.read_text()
-    new = render_readme(text, json.loads(source.read_text()))
+    new = render_readme(text, json.loads(source.read_text()), load_other_seeds(other_seeds))
     if new != text and not check:
         path.write_text(new)
     return new != text
@@ -214,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if the table is stale")
     args = parser.parse_args(argv)
     cfg = load_params(args.params).report
-    changed = update_readme(cfg.readme, cfg.findings_path, check=args.check)
+    changed = update_readme(cfg.readme, cfg.findings_path, args.check, cfg.other_seeds)
     if args.check and changed:
         print(f"{cfg.readme}'s results table differs from {cfg.findings_path}", file=sys.stderr)
         return 1
