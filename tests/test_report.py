@@ -144,6 +144,20 @@ def test_readme_table_is_generated_between_the_markers(tmp_path, sources):
         rp.update_readme(readme, tmp_path / "absent.json")
 
 
+def test_a_finding_without_interval_needs_a_reason(tmp_path):
+    entry = {"statement": "s", "value": 0.97, "ci95": None, "holdout_rel_error": 0.01}
+    path = tmp_path / "scaling.json"
+    path.write_text(json.dumps({"findings": {"scaling_power_law_x": entry}}))
+    with pytest.raises(DataError, match="ci95_note"):
+        rp.collect([path])
+    entry["ci95_note"] = "no CI: 4 frontier points"
+    path.write_text(json.dumps({"findings": {"scaling_power_law_x": entry}}))
+    judged = rp.judge(rp.collect([path]))
+    assert judged["scaling_power_law_x"]["holds"] is True
+    table = rp.results_table({"findings": judged, "missing": []}, {})
+    assert "| 0.970 | none: no CI: 4 frontier points | yes |" in table
+
+
 def test_other_seeds_sit_beside_the_main_run(tmp_path, sources):
     cfg = ReportConfig(sources=sources[:1], findings_path=str(tmp_path / "findings.json"))
     report = rp.run_report(cfg)

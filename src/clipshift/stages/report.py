@@ -107,8 +107,13 @@ def _check_entry(fid: str, entry: Mapping[str, Any], path: Path) -> None:
     lacking = [k for k in ("statement", "value", "ci95") if k not in entry]
     if lacking:
         raise DataError(f"finding '{fid}' in {path} lacks {lacking}")
-    if len(entry["ci95"]) != 2:
-        raise DataError(f"finding '{fid}' in {path}: ci95 must be [lo, hi]")
+    if entry["ci95"] is None and entry.get("ci95_note"):
+        return  # no interval, and the stage says why (e.g. too few frontier points)
+    if entry["ci95"] is None or len(entry["ci95"]) != 2:
+        raise DataError(
+            f"finding '{fid}' in {path}: ci95 must be [lo, hi] (or null with a 'ci95_note' "
+            "saying why there is none)"
+        )
 
 
 def judge(findings: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -166,8 +171,12 @@ def _verdict(holds: bool | None) -> str:
 def _value_cells(f: Mapping[str, Any] | None) -> list[str]:
     if f is None:
         return ["—", "—", "not computed"]
-    lo, hi = f["ci95"]
-    return [f"{f['value']:.3f}", f"[{lo:.3f}, {hi:.3f}]", _verdict(f["holds"])]
+    if f["ci95"] is None:
+        interval = "none: " + _cell(f.get("ci95_note", "not computed"))
+    else:
+        lo, hi = f["ci95"]
+        interval = f"[{lo:.3f}, {hi:.3f}]"
+    return [f"{f['value']:.3f}", interval, _verdict(f["holds"])]
 
 
 def results_table(report: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]]) -> str:
