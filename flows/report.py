@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import flow
 
 from clipshift.config import ReportConfig
-from clipshift.stages.report import run_report
+from clipshift.stages.report import interval_text, run_report
 from flows._common import report_table, tracked_stage
 
 
@@ -31,7 +31,7 @@ def report_flow(config: ReportConfig = ReportConfig()) -> dict:
                 {
                     "finding": fid,
                     "value": round(f["value"], 4),
-                    "ci95": f"[{f['ci95'][0]:.4f}, {f['ci95'][1]:.4f}]",
+                    "ci95": interval_text(f, digits=4),
                     "criterion": f["criterion"],
                     "holds": f["holds"],
                 }

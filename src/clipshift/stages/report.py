@@ -168,15 +168,18 @@ def _verdict(holds: bool | None) -> str:
     return "—" if holds is None else "yes" if holds else "**no**"
 
 
+def interval_text(f: Mapping[str, Any], digits: int = 3) -> str:
+    """``[lo, hi]``, or why the finding has no interval."""
+    if f["ci95"] is None:
+        return "none: " + str(f.get("ci95_note", "not computed"))
+    lo, hi = f["ci95"]
+    return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
 def _value_cells(f: Mapping[str, Any] | None) -> list[str]:
     if f is None:
         return ["—", "—", "not computed"]
-    if f["ci95"] is None:
-        interval = "none: " + _cell(f.get("ci95_note", "not computed"))
-    else:
-        lo, hi = f["ci95"]
-        interval = f"[{lo:.3f}, {hi:.3f}]"
-    return [f"{f['value']:.3f}", interval, _verdict(f["holds"])]
+    return [f"{f['value']:.3f}", _cell(interval_text(f)), _verdict(f["holds"])]
 
 
 def results_table(report: Mapping[str, Any], others: Mapping[str, Mapping[str, Any]]) -> str:
