@@ -8,4 +8,4 @@ bash infra/setup.sh
 .venv/bin/ruff check src tests flows bench infra
 .venv/bin/ruff format --check src tests flows bench infra
 .venv/bin/mypy
-.venv/bin/python -m pytest -m "not findings_sync"
+.venv/bin/python -m pytest -m "slow or not slow"
