@@ -80,7 +80,14 @@ def write_params(root: Path) -> None:
     }
     # the pool is put in place above: fetch (not run here) builds none
     fetch = {"use_world": False, "sources": []}
-    params = full_params({"fetch": fetch, "pretrain": pretrain, "finetune": {"pool": "toy"}})
+    params = full_params(
+        {
+            "fetch": fetch,
+            "pretrain": pretrain,
+            "supervised": {"pools": ["toy"]},
+            "finetune": {"pool": "toy"},
+        }
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
