@@ -191,8 +191,8 @@ def results_table(report: Mapping[str, Any], others: Mapping[str, Mapping[str, A
         head += [f"value ({label})", f"95% CI ({label})", f"holds ({label})"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for fid in [*_ordered(findings), *report.get("missing", [])]:
-        key = target_key(fid)
-        criterion = findings[fid]["criterion"] if fid in findings else TARGETS[key or fid].criterion
+        # a missing finding is listed by its TARGETS key
+        criterion = findings[fid]["criterion"] if fid in findings else TARGETS[fid].criterion
         cells = [f"`{fid}`", _cell(criterion), *_value_cells(findings.get(fid))]
         for other in others.values():
             cells += _value_cells(other["findings"].get(fid))
