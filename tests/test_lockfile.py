@@ -1,6 +1,6 @@
 """requirements.lock and pyproject.toml cannot drift apart: every direct dependency (the project's
 and its `test` extra) is pinned in the lock at a version its specifier allows, and every pin
-carries the sha256 hashes that infra/setup.sh installs with (`pip install --require-hashes`)."""
+carries the sha256 hashes that infra/setup.sh installs with (`uv pip install --require-hashes`)."""
 
 from __future__ import annotations
 
