@@ -25,7 +25,7 @@ from flows.validate import validate_flow
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(params: PipelineConfig | None = None, run_scaling: bool = True) -> dict:
-    """fetch → validate → pretrain (each pool) → supervised (each pool) → finetune →
+    """fetch → validate → pretrain (every pool) → supervised (each pool) → finetune →
     interpolate → evaluate → scaling → report.
 
     Without `params`, the run reads params.yaml in its working directory (deployments fill
@@ -36,8 +36,7 @@ def pipeline_flow(params: PipelineConfig | None = None, run_scaling: bool = True
     try:
         fetch_flow(config=params.fetch)
         validate_flow(config=params.section("validate"))
-        for pool in params.pretrain.pools:
-            pretrain_flow(config=params.pretrain, pool=pool)
+        pretrain_flow(config=params.pretrain)  # every pool, side by side on a CPU
         for pool in params.supervised.pools:
             supervised_flow(config=params.supervised, pretrain=params.pretrain, pool=pool)
         finetune_flow(config=params.finetune)

@@ -3,9 +3,9 @@
 Each grid point is a task, so the Prefect UI shows every training with its own state and
 retries it alone; a retry (or a re-run of the flow) reuses finished runs and resumes a cut-off
 one from its checkpoint. The flow calls :func:`clipshift.stages.scaling.run_scaling` with the
-task as its ``run_point``; the tasks run one after the other on purpose: on a CPU two
-trainings in parallel only share the same cores, and the trainer sets torch's process-wide
-thread count.
+task as its ``run_point``. On a CPU the grid's trainings run first, side by side in worker
+processes with a core each (:func:`~clipshift.stages.scaling.train_side_by_side`); each task
+then evaluates its point and gets the training's log in its MLflow run.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from clipshift import tracking
 from clipshift.config import FinetuneConfig, PretrainConfig, ScalingConfig, ScalingRun
-from clipshift.stages.scaling import GridInputs, run_scaling, train_and_evaluate
+from clipshift.stages.scaling import GridInputs, Trained, run_scaling, train_and_evaluate
 from flows._common import publish_metrics, report_table, tracked_stage
 
 
@@ -31,8 +31,11 @@ def scaling_run(
     tracker: tracking.MlflowTracker,
     progress: bool,
     fraction: float = 1.0,
+    trained: Trained | None = None,
 ) -> dict:
-    return train_and_evaluate(config, pretrain, pool, point, inputs, tracker, progress, fraction)
+    return train_and_evaluate(
+        config, pretrain, pool, point, inputs, tracker, progress, fraction, trained
+    )
 
 
 @flow(name="scaling", log_prints=True)

@@ -16,6 +16,10 @@ os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# Runs that a stage puts side by side (clipshift.parallel) stay in the test's process: a spawned
+# worker costs seconds of imports and cannot see monkeypatches. tests/test_parallel.py and the
+# end-to-end `dvc repro` test lift this to exercise the workers.
+os.environ["CLIPSHIFT_WORKERS"] = "1"
 
 
 @pytest.fixture(scope="module")

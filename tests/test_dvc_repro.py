@@ -64,8 +64,7 @@ def test_stage_list_shows_every_stage(repo_copy):
     assert out == [
         "fetch",
         "validate",
-        "pretrain@diverse",
-        "pretrain@narrow",
+        "pretrain",
         "supervised@diverse",
         "finetune",
         "interpolate",
@@ -101,7 +100,11 @@ def _values_of(obj, key: str) -> list:
 
 def test_whole_study_end_to_end(repo_copy):
     dest, env = repo_copy
+    env = {k: v for k, v in env.items() if k != "CLIPSHIFT_WORKERS"}  # runs side by side
     _run(["dvc", "repro"], dest, env, timeout=1800)
+    pools = PipelineConfig.model_validate(tiny_params()).pretrain.pools
+    for pool in pools:  # trained in workers, published by the flow
+        assert json.loads((dest / f"metrics/pretrain/{pool}.json").read_text())["pool"] == pool
     evaluate = json.loads((dest / "metrics/evaluate.json").read_text())
     kinds = {m["kind"] for m in evaluate["models"].values()}
     assert {"baseline", "zeroshot", "finetuned", "linear", "wiseft", "soup", "supervised"} <= kinds

@@ -94,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         cmd = sub.add_parser(stage, help=f"run the {stage} stage")
         if stage in POOL_STAGES:
-            cmd.add_argument("--pool", help=f"{stage} on this pool only (one of {stage}.pools)")
+            cmd.add_argument(
+                "--pool",
+                help=f"{stage} on this pool only (one of {stage}.pools; default: every pool)",
+            )
     sub.add_parser("pipeline", help="run every stage in order as one Prefect flow")
     sub.add_parser("check-params", help="validate params.yaml and print the resolved config")
     deploy = sub.add_parser("deploy", help="create Prefect deployments for every flow")

@@ -9,8 +9,8 @@ trained with cross-entropy for ``epochs`` on a seeded, class-stratified ``fracti
 reference train split. Varying size, epochs and data spreads the models along the line.
 
 They must stay cheap (they run on every ``dvc repro``): the towers use 8-px patches (a 32-px
-image is 16 tokens) and an MLP ratio of 2. The default 10 specs on ~2400 train images cost about
-190 CPU-seconds (single-threaded, measured on a loaded 2-core machine), ≈ 1.5-2 min on 2 cores.
+image is 16 tokens) and an MLP ratio of 2. On a CPU the stage trains them side by side, one
+core each (:mod:`clipshift.parallel`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from clipshift.errors import DataError
 from clipshift.methods.finetuning import finetune_end_to_end
 from clipshift.methods.metrics import accuracy
 from clipshift.models import tiny_vit_config, tiny_vit_name
+from clipshift.parallel import Run, run_side_by_side
 from clipshift.tracking_api import NullTracker, Tracker
 
 PATCH_SIZE = 8  # 16 tokens at 32 px: ~4x cheaper than 4-px patches, still a ViT
@@ -74,49 +75,67 @@ def train_baselines(
     seed: int = 0,
     tracker: Tracker | None = None,
     device: str | torch.device | None = None,
+    workers: int = 1,
 ) -> list[TrainedModel]:
-    """Train one from-scratch classifier per spec (ids ``baseline-00``, ``baseline-01``, …)."""
+    """Train one from-scratch classifier per spec (ids ``baseline-00``, ``baseline-01``, …),
+    ``workers`` of them side by side (:mod:`clipshift.parallel`; each is seeded by its index,
+    so the worker that trains it does not matter)."""
+    if len(train.classes) < 2:
+        raise DataError("the train split has fewer than 2 classes; baselines need a task")
+    common = {"train": train, "val": val, "image_size": image_size, "seed": seed}
+    runs = [
+        Run(train_baseline, {**common, "index": i, "spec": spec, "device": device}, tracker)
+        for i, spec in enumerate(specs)
+    ]
+    return run_side_by_side(runs, workers)
+
+
+def train_baseline(
+    index: int,
+    spec: BaselineSpec,
+    train,
+    val=None,
+    image_size: int = 32,
+    seed: int = 0,
+    tracker: Tracker | None = None,
+    device: str | torch.device | None = None,
+) -> TrainedModel:
+    """Baseline ``index`` of the stage: ``spec``'s tower and a linear head, trained from
+    scratch on a stratified ``spec.fraction`` of ``train``."""
     tracker = tracker or NullTracker()
     device = device or default_device()
-    num_classes = len(train.classes)
-    if num_classes < 2:
-        raise DataError("the train split has fewer than 2 classes; baselines need a task")
-    out = []
-    for i, spec in enumerate(specs):
-        t0 = time.perf_counter()
-        model_seed = seed * 1000 + i  # distinct, reproducible init and order per spec
-        torch.manual_seed(model_seed)
-        config = baseline_config(spec, image_size)
-        clf = ImageClassifier(
-            build_visual(config), torch.nn.Linear(config["embed_dim"], num_classes), False
-        )
-        subset = train.subset(stratified_subset(train.labels, spec.fraction, model_seed))
-        model_id = f"baseline-{i:02d}"
-        finetune_end_to_end(
-            clf,
-            subset,
-            None,
-            epochs=spec.epochs,
-            lr=LR,
-            batch_size=BATCH_SIZE,
-            weight_decay=WEIGHT_DECAY,
-            seed=model_seed,
-            tracker=tracker,
-            log_prefix=f"baselines/{model_id}",
-            device=device,
-        )
-        val_acc = accuracy(clf, val, 256, device) if val is not None else None
-        seconds = time.perf_counter() - t0
-        meta = {
-            "model_name": tiny_vit_name(spec.width, spec.layers, image_size, PATCH_SIZE),
-            "model_config": config,
-            "kind": "baseline",
-            "pool": None,
-            "spec": spec.model_dump(),
-            "train_samples": len(subset.labels),
-            "seed": model_seed,
-        }
-        if val_acc is not None:
-            tracker.log_metrics({f"baselines/{model_id}/val_accuracy": val_acc})
-        out.append(TrainedModel(model_id, clf.cpu(), meta, val_acc, seconds))
-    return out
+    t0 = time.perf_counter()
+    model_seed = seed * 1000 + index  # distinct, reproducible init and order per spec
+    torch.manual_seed(model_seed)
+    config = baseline_config(spec, image_size)
+    clf = ImageClassifier(
+        build_visual(config), torch.nn.Linear(config["embed_dim"], len(train.classes)), False
+    )
+    subset = train.subset(stratified_subset(train.labels, spec.fraction, model_seed))
+    model_id = f"baseline-{index:02d}"
+    finetune_end_to_end(
+        clf,
+        subset,
+        None,
+        epochs=spec.epochs,
+        lr=LR,
+        batch_size=BATCH_SIZE,
+        weight_decay=WEIGHT_DECAY,
+        seed=model_seed,
+        tracker=tracker,
+        log_prefix=f"baselines/{model_id}",
+        device=device,
+    )
+    val_acc = accuracy(clf, val, 256, device) if val is not None else None
+    meta = {
+        "model_name": tiny_vit_name(spec.width, spec.layers, image_size, PATCH_SIZE),
+        "model_config": config,
+        "kind": "baseline",
+        "pool": None,
+        "spec": spec.model_dump(),
+        "train_samples": len(subset.labels),
+        "seed": model_seed,
+    }
+    if val_acc is not None:
+        tracker.log_metrics({f"baselines/{model_id}/val_accuracy": val_acc})
+    return TrainedModel(model_id, clf.cpu(), meta, val_acc, time.perf_counter() - t0)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from clipshift import train_utils as T
 from clipshift.classifier import ImageClassifier, make_head, module_device
 from clipshift.config import PretrainConfig
+from clipshift.progress import bar_position
 
 # The logit of a task class the pool never shows: no image taught the head that class, so it
 # must never win (it stays finite so that softmaxes and sums of logits stay finite).
@@ -98,7 +99,9 @@ def train_cross_entropy(
     history: list[dict[str, float]] = []
     interval: list[float] = []
     train_time = 0.0
-    bar = tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=total, desc=desc, disable=not progress, dynamic_ncols=True, position=bar_position()
+    )
     for step in range(total):
         start = time.perf_counter()
         lr = T.cosine_lr(step, cfg.lr, cfg.warmup_steps, total)

@@ -38,6 +38,7 @@ from clipshift.methods.linear_probe import train_linear_probe
 from clipshift.methods.metrics import accuracy, top1
 from clipshift.methods.zeroshot import zeroshot_classifier
 from clipshift.models import ClipBundle, load_pretrained
+from clipshift.parallel import Run, run_side_by_side, worker_count
 from clipshift.registry import PRETRAINED_FILE, ModelEntry, find_pools, write_index
 from clipshift.tracking_api import NullTracker, Tracker
 from clipshift.training_spec import canonical, claim_run_dir, fingerprint, section_spec
@@ -87,6 +88,10 @@ class _Stage:
     def save(self, path: str, clf: ImageClassifier, meta: dict) -> None:
         if self.main:
             save_classifier(self.out / path, clf, {**meta, "training_spec": self.spec})
+
+    def workers(self, runs: int) -> int:
+        """Runs side by side: one per core on a CPU; under torchrun the ranks share each run."""
+        return 1 if D.is_initialized() else worker_count(runs, self.device)
 
     def add(self, entry: ModelEntry, seconds: float, val_accuracy: float | None) -> None:
         entry.extra.update({"val_accuracy": val_accuracy})
@@ -174,40 +179,59 @@ def e2e_runs(cfg: FinetuneConfig) -> list[SoupIngredient]:
 
 def _end_to_end(st: _Stage, pool: str, zs: ImageClassifier, meta: dict) -> None:
     """The fine-tunes of :func:`e2e_runs`, each from the zero-shot classifier (WiSE-FT's
-    θ0): the main one WiSE-FT interpolates, the others are soup ingredients."""
+    θ0): the main one WiSE-FT interpolates, the others are soup ingredients. They train side
+    by side on a CPU (each is seeded by its index, so where it trains does not matter)."""
     cfg = st.cfg
-    for i, run in enumerate(e2e_runs(cfg)):
-        t0 = time.perf_counter()
-        clf = copy.deepcopy(zs)
-        finetune_end_to_end(
-            clf,
-            st.train,
-            st.val,
-            epochs=run.epochs,
-            lr=run.lr,
-            head_lr_scale=cfg.e2e_head_lr_scale,
-            batch_size=cfg.e2e_batch_size,
-            augment_strength=run.augment,
-            label_smoothing=run.label_smoothing,
-            seed=cfg.seed + i,
-            tracker=st.tracker,
-            log_prefix=f"finetune/{pool}-{i}",
-            progress=st.progress,
-            device=st.device,
+    specs = e2e_runs(cfg)
+    common = {
+        "train": st.train,
+        "val": st.val,
+        "head_lr_scale": cfg.e2e_head_lr_scale,
+        "batch_size": cfg.e2e_batch_size,
+        "progress": st.progress,
+        "device": st.device,
+    }
+    runs = [
+        Run(
+            finetune_end_to_end,
+            {
+                **common,
+                "clf": copy.deepcopy(zs),
+                "epochs": run.epochs,
+                "lr": run.lr,
+                "augment_strength": run.augment,
+                "label_smoothing": run.label_smoothing,
+                "seed": cfg.seed + i,
+                "log_prefix": f"finetune/{pool}-{i}",
+            },
+            st.tracker,
         )
+        for i, run in enumerate(specs)
+    ]
+    t0 = time.perf_counter()
+    trained = run_side_by_side(runs, st.workers(len(runs)))
+    seconds = (time.perf_counter() - t0) / len(runs)  # side by side: each run's share
+    for i, (run, clf) in enumerate(zip(specs, trained, strict=True)):
         name = f"finetuned-{pool}-{i}"
         facts = {**run.model_dump(), "seed": cfg.seed + i}
         st.save(f"{name}.pt", clf, {**meta, "kind": "finetuned", **facts})
         entry = ModelEntry(
             id=name, kind="finetuned", pool=pool, path=f"{name}.pt", extra={**facts, "main": i == 0}
         )
-        st.add(entry, time.perf_counter() - t0, accuracy(clf, st.val, cfg.batch_size))
+        st.add(entry, seconds, accuracy(clf, st.val, cfg.batch_size))
 
 
 def _baselines(st: _Stage) -> None:
     image_size = int(st.train.images.shape[-1])
     trained = train_baselines(
-        st.cfg.baselines, st.train, st.val, image_size, st.cfg.seed, st.tracker, device=st.device
+        st.cfg.baselines,
+        st.train,
+        st.val,
+        image_size,
+        st.cfg.seed,
+        st.tracker,
+        device=st.device,
+        workers=st.workers(len(st.cfg.baselines)),
     )
     for model in trained:
         path = f"{model.id}.pt"

@@ -71,6 +71,7 @@ from clipshift.errors import CheckpointError, ConfigError
 from clipshift.flops import flops_metrics
 from clipshift.io_utils import output_lock, read_json, write_json_atomic
 from clipshift.models import ClipBundle, create_clip
+from clipshift.progress import bar_position
 from clipshift.tracking_api import NullTracker, Tracker
 from clipshift.training_spec import (
     canonical,
@@ -540,6 +541,7 @@ class Pretrainer:
             desc=f"pretrain {self.pool}",
             disable=not (self.progress and self.dist.is_main),
             dynamic_ncols=True,
+            position=bar_position(),
         )
         self.raw.train()
         tick, interval_samples = time.perf_counter(), 0

@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import open_clip
@@ -76,9 +76,10 @@ from clipshift.methods.scaling_laws import (
     predict,
 )
 from clipshift.models import load_pretrained, resolve_model_config
+from clipshift.parallel import Run, run_side_by_side, worker_count
 from clipshift.plots import DPI, plot_scaling
 from clipshift.stages.pretrain import Pretrainer, choose_loader, pool_path, run_pretrain
-from clipshift.tracking_api import NullTracker, Tracker
+from clipshift.tracking_api import NullTracker, RecordingTracker, Tracker, replay
 from clipshift.training_spec import canonical, describe_changes, read_spec
 
 log = logging.getLogger(__name__)
@@ -373,17 +374,17 @@ def reuse_pretrain_run(
     return {**stored, "reused": True, "train_time_s": None, "checkpoint": str(ckpt)}
 
 
-def _train(
+def training_plan(
     cfg: ScalingConfig,
     pretrain: PretrainConfig,
     pool: str,
     point: ScalingRun,
     fraction: float,
     inputs: GridInputs,
-    tracker: Tracker,
     progress: bool,
-) -> dict[str, Any]:
-    """run_pretrain on the point (or on a subset of the pool), or the reused pretrain run."""
+) -> Run | dict[str, Any]:
+    """How to get the point's model: the run_pretrain call to make (on the point, or on a
+    subset of the pool), or the reused pretrain run's result."""
     model_path = write_model_config(cfg, point, inputs.family, fraction)
     pcfg = pretrain_config(cfg, pretrain, pool, point, model_path, fraction)
     if cfg.include_pretrain_run and fraction >= 1.0 and point == main_point(pretrain):
@@ -403,9 +404,62 @@ def _train(
         extra = {"scaling.pool_subset": subset}
     # run_pretrain reuses a finished run only on an identical training spec, resumes a
     # cut-off one, and sets aside work trained with other settings (clipshift.training_spec)
-    return run_pretrain(
-        pcfg, pool, tracker=tracker, progress=progress, pool_data=pool_data, spec_extra=extra
-    )
+    kwargs = {"cfg": pcfg, "pool": pool, "progress": progress, "pool_data": pool_data}
+    return Run(run_pretrain, {**kwargs, "spec_extra": extra})
+
+
+Trained = tuple[dict[str, Any], RecordingTracker]  # a run's result and what it logged
+
+
+def train_side_by_side(
+    cfg: ScalingConfig,
+    pretrain: PretrainConfig,
+    points: Sequence[tuple[str, ScalingRun, float]],
+    inputs: GridInputs,
+    progress: bool,
+) -> list[Trained | None]:
+    """Train the (pool, point, fraction) runs side by side on a CPU, one core each
+    (:mod:`clipshift.parallel`); what each logged is kept for its point's MLflow run. None
+    for a point left to its task: the reused pretrain run, or every point with one worker
+    (each then trains in its own task, logging as it goes)."""
+    plans = [training_plan(cfg, pretrain, *point, inputs, progress) for point in points]
+    first = {run_dir(cfg, *point): i for i, point in reversed(list(enumerate(points)))}
+    # a point listed twice (the ablation's full pool is a grid point) trains once; its task
+    # then finds the finished run and reuses it
+    todo = [i for i in sorted(first.values()) if isinstance(plans[i], Run)]
+    workers = worker_count(len(todo), default_device())
+    trained: list[Trained | None] = [None] * len(points)
+    if workers <= 1:
+        return trained
+    runs = [cast(Run, plans[i]) for i in todo]
+    for run in runs:
+        run.tracker = RecordingTracker()
+    for i, run, result in zip(todo, runs, run_side_by_side(runs, workers), strict=True):
+        trained[i] = (result, cast(RecordingTracker, run.tracker))
+    return trained
+
+
+def _train(
+    cfg: ScalingConfig,
+    pretrain: PretrainConfig,
+    pool: str,
+    point: ScalingRun,
+    fraction: float,
+    inputs: GridInputs,
+    tracker: Tracker,
+    progress: bool,
+    trained: Trained | None,
+) -> dict[str, Any]:
+    """The point's run: trained side by side already (its log replayed into ``tracker``),
+    trained here, or the reused pretrain run."""
+    if trained is not None:
+        result, recorded = trained
+        replay(recorded.dump(), tracker)
+        return result
+    plan = training_plan(cfg, pretrain, pool, point, fraction, inputs, progress)
+    if isinstance(plan, Run):
+        return plan.entry(**plan.kwargs, tracker=tracker)
+    return plan
 
 
 def train_and_evaluate(
@@ -417,9 +471,11 @@ def train_and_evaluate(
     tracker: Tracker | None = None,
     progress: bool = True,
     fraction: float = 1.0,
+    trained: Trained | None = None,
 ) -> dict[str, Any]:
     """Pretrain (or reuse) and evaluate (or reuse) one grid point on one pool (on the first
-    ``fraction`` of its pairs for the pool-size ablation); its table row."""
+    ``fraction`` of its pairs for the pool-size ablation); its table row. ``trained``: the
+    point's run, already trained by :func:`train_side_by_side`."""
     tracker = tracker or NullTracker()
     name = run_name(point, fraction)
     tags = {"clipshift.pool": pool, "clipshift.scaling_run": name}
@@ -428,7 +484,7 @@ def train_and_evaluate(
             {"width": point.width, "layers": point.layers, "pool": pool,
              "samples": point.samples, "fraction": fraction}
         )  # fmt: skip
-        train = _train(cfg, pretrain, pool, point, fraction, inputs, child, progress)
+        train = _train(cfg, pretrain, pool, point, fraction, inputs, child, progress, trained)
         reused = bool(train.get("reused"))
         child.set_tags({"clipshift.reused": str(reused).lower()})
         ckpt = Path(train["checkpoint"])
@@ -910,14 +966,15 @@ def run_scaling(
     tracker = tracker or NullTracker()
     start = time.perf_counter()
     inputs = grid_inputs(cfg, finetune, pretrain)
+    grid = [(pool, point, 1.0) for pool, point in grid_points(cfg, pretrain)]
+    sizes = [(pool, cfg.pool_size.run, f) for pool, f in pool_size_points(cfg)]
+    ablation_points = cast(list[tuple[str, ScalingRun, float]], sizes)
+    trained = train_side_by_side(cfg, pretrain, grid + ablation_points, inputs, progress)
     rows = [
-        run_point(cfg, pretrain, pool, point, inputs, tracker, progress)
-        for pool, point in grid_points(cfg, pretrain)
+        run_point(cfg, pretrain, pool, point, inputs, tracker, progress, fraction, done)
+        for (pool, point, fraction), done in zip(grid + ablation_points, trained, strict=True)
     ]
-    ablation = [
-        run_point(cfg, pretrain, pool, cfg.pool_size.run, inputs, tracker, progress, fraction)
-        for pool, fraction in pool_size_points(cfg)
-    ]
+    rows, ablation = rows[: len(grid)], rows[len(grid) :]
     summary = summarize(cfg, rows, tracker, write_metrics, ablation)
     wall = round(time.perf_counter() - start, 2)
     tracker.log_metrics({"scaling_wall_seconds": wall})

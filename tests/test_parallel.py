@@ -1,0 +1,61 @@
+"""Runs side by side in worker processes (clipshift.parallel): results in order, what each run
+logged reaches its tracker, a failure surfaces, and the cores are split between workers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from clipshift import parallel
+from clipshift.errors import DataError
+from clipshift.tracking_api import RecordingTracker
+from clipshift.train_utils import available_cpus
+
+
+def square_in_worker(x: int, tracker) -> dict:
+    tracker.log_metrics({"x": float(x)}, step=x)
+    tracker.set_tags({"ran": str(x)})
+    return {"square": x * x, "pid": os.getpid(), "threads": torch.get_num_threads()}
+
+
+def fail_on_two(x: int, tracker) -> int:
+    if x == 2:
+        raise DataError(f"run {x} found bad data")
+    return x
+
+
+def test_runs_go_to_workers_and_their_logs_to_their_trackers():
+    trackers = [RecordingTracker() for _ in range(3)]
+    runs = [
+        parallel.Run(square_in_worker, {"x": x}, t)
+        for x, t in zip([1, 2, 3], trackers, strict=True)
+    ]
+    results = parallel.run_side_by_side(runs, workers=2)
+    assert [r["square"] for r in results] == [1, 4, 9]
+    assert all(r["pid"] != os.getpid() for r in results)
+    assert {r["threads"] for r in results} == {max(1, available_cpus() // 2)}
+    for x, tracker in zip([1, 2, 3], trackers, strict=True):
+        assert tracker.metrics == [(x, {"x": float(x)})] and tracker.tags == {"ran": str(x)}
+
+
+def test_one_worker_runs_in_this_process_on_the_callers_tracker():
+    tracker = RecordingTracker()
+    [result] = parallel.run_side_by_side([parallel.Run(square_in_worker, {"x": 4}, tracker)], 1)
+    assert result["pid"] == os.getpid() and tracker.metrics == [(4, {"x": 4.0})]
+
+
+def test_a_failing_run_raises_its_error():
+    runs = [parallel.Run(fail_on_two, {"x": x}) for x in (1, 2, 3)]
+    with pytest.raises(DataError, match="run 2 found bad data"):
+        parallel.run_side_by_side(runs, workers=2)
+
+
+def test_worker_count(monkeypatch):
+    monkeypatch.delenv(parallel.WORKERS_ENV, raising=False)
+    assert parallel.worker_count(10) == min(10, available_cpus())
+    assert parallel.worker_count(1) == 1
+    assert parallel.worker_count(10, "meta") == 1  # an accelerator: runs queue for it anyway
+    monkeypatch.setenv(parallel.WORKERS_ENV, "1")
+    assert parallel.worker_count(10) == 1
