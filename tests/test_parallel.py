@@ -4,6 +4,7 @@ logged reaches its tracker, a failure surfaces, and the cores are split between 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -18,6 +19,12 @@ def square_in_worker(x: int, tracker) -> dict:
     tracker.log_metrics({"x": float(x)}, step=x)
     tracker.set_tags({"ran": str(x)})
     return {"square": x * x, "pid": os.getpid(), "threads": torch.get_num_threads()}
+
+
+def start_then_wait(x: int, tracker) -> tuple[int, float]:
+    began = time.monotonic()  # one clock for every process on Linux
+    time.sleep(0.3)
+    return x, began
 
 
 def fail_on_two(x: int, tracker) -> int:
@@ -59,3 +66,13 @@ def test_worker_count(monkeypatch):
     assert parallel.worker_count(10, "meta") == 1  # an accelerator: runs queue for it anyway
     monkeypatch.setenv(parallel.WORKERS_ENV, "1")
     assert parallel.worker_count(10) == 1
+
+
+def test_costliest_runs_start_first_and_results_keep_their_order():
+    costs = {1: 1.0, 2: 5.0, 3: 3.0}  # submitted as 2, 3, then 1 once a worker is free
+    runs = [parallel.Run(start_then_wait, {"x": x}, cost=c) for x, c in costs.items()]
+    started = parallel.run_side_by_side(runs, workers=2)
+    assert [x for x, _ in started] == [1, 2, 3]
+    start = dict(started)
+    assert start[2] < start[1] and start[3] < start[1]  # the cheapest started last,
+    assert start[1] >= min(start[2], start[3]) + 0.25  # once a worker was free again

@@ -39,6 +39,7 @@ class Run:
     entry: Callable[..., Any]
     kwargs: dict[str, Any] = field(default_factory=dict)
     tracker: Tracker | None = None
+    cost: float = 1.0  # relative; the costliest runs start first, so the workers end together
 
 
 def worker_count(runs: int, device: str | torch.device = "cpu") -> int:
@@ -66,7 +67,9 @@ def run_side_by_side(runs: Sequence[Run], workers: int) -> list[Any]:
     with ProcessPoolExecutor(
         workers, mp_context=context, initializer=_init_worker, initargs=(threads, positions)
     ) as pool:
-        futures = [pool.submit(_run_recorded, run.entry, run.kwargs) for run in runs]
+        order = sorted(range(len(runs)), key=lambda i: -runs[i].cost)  # stable among equals
+        submitted = {i: pool.submit(_run_recorded, runs[i].entry, runs[i].kwargs) for i in order}
+        futures = [submitted[i] for i in range(len(runs))]
         wait(futures, return_when=FIRST_EXCEPTION)
         for future in futures:
             future.cancel()  # a failure: the runs not yet started do not start

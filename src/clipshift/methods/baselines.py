@@ -84,7 +84,12 @@ def train_baselines(
         raise DataError("the train split has fewer than 2 classes; baselines need a task")
     common = {"train": train, "val": val, "image_size": image_size, "seed": seed}
     runs = [
-        Run(train_baseline, {**common, "index": i, "spec": spec, "device": device}, tracker)
+        Run(
+            train_baseline,
+            {**common, "index": i, "spec": spec, "device": device},
+            tracker,
+            cost=spec.epochs * spec.fraction * spec.layers * spec.width**2,
+        )
         for i, spec in enumerate(specs)
     ]
     return run_side_by_side(runs, workers)

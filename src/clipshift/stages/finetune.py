@@ -205,6 +205,7 @@ def _end_to_end(st: _Stage, pool: str, zs: ImageClassifier, meta: dict) -> None:
                 "log_prefix": f"finetune/{pool}-{i}",
             },
             st.tracker,
+            cost=run.epochs,
         )
         for i, run in enumerate(specs)
     ]

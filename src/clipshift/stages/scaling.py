@@ -432,8 +432,10 @@ def train_side_by_side(
     if workers <= 1:
         return trained
     runs = [cast(Run, plans[i]) for i in todo]
-    for run in runs:
+    for i, run in zip(todo, runs, strict=True):
+        pool, point, fraction = points[i]
         run.tracker = RecordingTracker()
+        run.cost = point.width**2 * point.layers * point.samples  # ~ training FLOPs
     for i, run, result in zip(todo, runs, run_side_by_side(runs, workers), strict=True):
         trained[i] = (result, cast(RecordingTracker, run.tracker))
     return trained
