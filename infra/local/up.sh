@@ -16,6 +16,8 @@
 # unlimited), CLIPSHIFT_START_TIMEOUT (seconds per service, default 120),
 # CLIPSHIFT_ENDPOINTS_FILE (default infra/local/endpoints.env, or <state>/endpoints.env when
 # CLIPSHIFT_PLATFORM_DIR is set).
+# CLIPSHIFT_PREFECT_UI_API_URL (the API address the Prefect UI calls, default
+# http://127.0.0.1:<prefect port>/api; set it when the UI is reached through a proxy or tunnel).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -201,8 +203,10 @@ start mlflow "$MLFLOW_PORT" env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
 # ---------------------------------------------------------------------------------------------
 # prefect server and its process worker
 
-start prefect "$PREFECT_PORT" "$BIN/prefect" server start --host "$HOST" --port "$PREFECT_PORT" \
-  --analytics-off
+# prefect-server.sh sets the UI's API address (PREFECT_UI_API_URL) to this server's own API:
+# without it the browser UI calls port 4200 and shows "Can't connect to Server API".
+start prefect "$PREFECT_PORT" env CLIPSHIFT_VENV_BIN="$BIN" bash "$HERE/prefect-server.sh" \
+  "$PREFECT_PORT"
 
 # The three servers start together (each takes seconds to import and migrate); then wait.
 await s3 s3_ok
