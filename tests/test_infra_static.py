@@ -63,7 +63,10 @@ def test_scripts_parse(script):
 def test_up_binds_loopback_only_and_writes_endpoints():
     text = (INFRA / "local" / "up.sh").read_text()
     assert re.search(r"^HOST=127\.0\.0\.1\b", text, flags=re.M)
-    binds = re.findall(r"(?:--host|--address|-H) (\S+)", text)
+    # up.sh starts the Prefect server through prefect-server.sh (which sets its UI's API URL)
+    server = (INFRA / "local" / "prefect-server.sh").read_text()
+    assert re.search(r"^HOST=127\.0\.0\.1\b", server, flags=re.M)
+    binds = re.findall(r"(?:--host|--address|-H) (\S+)", text + server)
     assert len(binds) == 4 and set(binds) == {'"$HOST"'}, binds  # moto, s3rver, mlflow, prefect
     assert {
         "MLFLOW_TRACKING_URI",
