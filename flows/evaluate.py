@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import flow
 
 from clipshift import distributed as D
-from clipshift import tracking
+from clipshift import logged_models, tracking
 from clipshift.config import EvaluateConfig
 from clipshift.registry import read_indices
 from clipshift.stages.evaluate import run_evaluate
@@ -28,16 +28,18 @@ def register_champion(
         return
     entry = next(e for e in read_indices(config.models_dir) if e.id == chosen)
     record = summary["models"][chosen]
-    version = tracking.register_classifier(
-        tracker,
-        entry.path,
-        config.registered_model,
-        tags={
-            "model_id": chosen,
-            "wise_alpha": str(entry.wise_alpha),
-            "id_accuracy": str(record["id_accuracy"]),
-        },
-    )
+    tags = {
+        "model_id": chosen,
+        "wise_alpha": str(entry.wise_alpha),
+        "id_accuracy": str(record["id_accuracy"]),
+    }
+    logged = logged_models.ModelLogger(tracker).model_id(entry.path)
+    if logged is not None:  # the LoggedModel interpolate made of the chosen point
+        version = logged_models.promote(logged, config.registered_model, tags=tags)
+    else:  # interpolate logged elsewhere (another MLflow store): log it here
+        version = tracking.register_classifier(
+            tracker, entry.path, config.registered_model, tags=tags
+        )
     print(f"registered {chosen} as {config.registered_model} v{version} @champion")
 
 
@@ -46,6 +48,8 @@ def evaluate_flow(config: EvaluateConfig = EvaluateConfig()) -> dict:
     """Evaluate every model and fit the effective-robustness baseline per shift."""
     with tracked_stage("evaluate", config) as tracker:
         summary = D.run_stage(run_evaluate, config, tracker)
+        linked = logged_models.link_evaluation(tracker, summary, config.models_dir, config.data_dir)
+        print(f"{linked} metrics linked to their models and datasets")
         register_champion(tracker, summary, config)
         tracker.log_artifact(config.metrics_path, "metrics")
         if Path(config.plots_dir).exists():

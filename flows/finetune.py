@@ -10,9 +10,12 @@ Training times are not in ``models/finetune`` (a DVC output): the flow writes th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 
 from clipshift import distributed as D
+from clipshift import logged_models
 from clipshift.config import FinetuneConfig
 from clipshift.stages.finetune import run_finetune
 from flows._common import publish_metrics, report_table, tracked_stage
@@ -27,6 +30,8 @@ def finetune_flow(config: FinetuneConfig = FinetuneConfig()) -> dict:
         result = D.run_stage(run_finetune, config, tracker)
         seconds = result.get("train_seconds") or {}
         publish_metrics(tracker, METRICS, {"train_seconds": seconds})
+        out = Path(config.out_dir)
+        logged_models.log_index(tracker, out, out.parent, config.pretrain_dir)
         rows = [
             {"model": mid, **info, "train_seconds": seconds.get(mid)}
             for mid, info in result.get("models", {}).items()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 
+from clipshift import logged_models
 from clipshift.config import InterpolateConfig
 from clipshift.stages.interpolate import run_interpolate
 from flows._common import publish_metrics, tracked_stage
@@ -17,4 +20,6 @@ def interpolate_flow(config: InterpolateConfig = InterpolateConfig()) -> dict:
     with tracked_stage("interpolate", config) as tracker:
         result = run_interpolate(config, tracker=tracker)
         publish_metrics(tracker, METRICS, result)
+        models = Path(config.finetune_dir).parent
+        logged_models.log_index(tracker, config.out_dir, models, models / "pretrain")
         return result

@@ -20,7 +20,7 @@ from pathlib import Path
 from prefect import flow
 
 from clipshift import distributed as D
-from clipshift.checkpoints import config_path
+from clipshift import logged_models
 from clipshift.config import PretrainConfig
 from clipshift.io_utils import write_json_atomic
 from clipshift.parallel import Run, run_side_by_side, worker_count
@@ -91,8 +91,11 @@ def record_pool(
 def publish_pool(tracker, config: PretrainConfig, pool: str, result: dict) -> None:
     checkpoint = Path(result.get("checkpoint", run_path(config, pool) / "checkpoint.pt"))
     if checkpoint.exists():
-        tracker.log_artifact(checkpoint, "checkpoint")
-        tracker.log_artifact(config_path(checkpoint, result["model"]), "checkpoint")
+        facts = {"pool": pool, "seed": config.seed, "lr": config.lr,
+                 "batch_size": config.batch_size, "samples": result.get("samples"),
+                 "steps": result.get("steps"), "data": f"pool {pool}"}  # fmt: skip
+        model = logged_models.clip_model(f"pretrain-{pool}", checkpoint, result["model"], facts)
+        logged_models.ModelLogger(tracker).log([model])
     publish_run_metrics(tracker, pool, result)
     report_table(
         f"pretrain-{pool}",

@@ -13,8 +13,9 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from clipshift import tracking
+from clipshift import logged_models, tracking
 from clipshift.config import FinetuneConfig, PretrainConfig, ScalingConfig, ScalingRun
+from clipshift.stages import scaling as S
 from clipshift.stages.scaling import GridInputs, Trained, run_scaling, train_and_evaluate
 from flows._common import publish_metrics, report_table, tracked_stage
 
@@ -33,9 +34,40 @@ def scaling_run(
     fraction: float = 1.0,
     trained: Trained | None = None,
 ) -> dict:
-    return train_and_evaluate(
+    row = train_and_evaluate(
         config, pretrain, pool, point, inputs, tracker, progress, fraction, trained
     )
+    log_point_model(tracker, config, pool, point, fraction, inputs, row)
+    return row
+
+
+def log_point_model(
+    tracker: tracking.MlflowTracker,
+    config: ScalingConfig,
+    pool: str,
+    point: ScalingRun,
+    fraction: float,
+    inputs: GridInputs,
+    row: dict,
+) -> None:
+    """The point's CLIP as a LoggedModel (a reused pretrain run already is one), with its
+    scores linked to it and to their datasets."""
+    logger = logged_models.ModelLogger(tracker)
+    checkpoint = S.point_checkpoint(config, pool, point, fraction, row)
+    if not row.get("reused"):
+        architecture = f"{inputs.family[0]}-w{point.width}-l{point.layers}"
+        facts = {
+            "pool": pool,
+            "width": point.width,
+            "layers": point.layers,
+            "samples": row.get("samples"),
+            "fraction": fraction,
+            "data": f"pool {pool}",
+        }
+        name = f"scaling-{pool}-{S.run_name(point, fraction)}"
+        logger.log([logged_models.clip_model(name, checkpoint, architecture, facts)])
+    values = logged_models.scaling_metrics(row, S.ID_DATASET, S.RETRIEVAL_DATASET)
+    logger.log_metrics(checkpoint, values, logged_models.dataset_digests(config.data_dir))
 
 
 @flow(name="scaling", log_prints=True)

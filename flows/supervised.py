@@ -7,9 +7,11 @@ a DVC output: the flow writes them, with the run's results, to ``metrics/supervi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 
-from clipshift import tracking
+from clipshift import logged_models, tracking
 from clipshift.config import PretrainConfig, SupervisedConfig
 from clipshift.io_utils import write_json_atomic
 from clipshift.stages.supervised import TIMING_KEYS, model_id, run_path, run_supervised
@@ -34,8 +36,7 @@ def supervised_flow(
         numbers = {f"run_{k}": float(result[k]) for k in TIMING_KEYS if result.get(k) is not None}
         tracker.log_metrics(numbers)
         tracker.log_artifact(path, "metrics")
-        model = run_path(config, pool) / f"{model_id(pool)}.pt"
-        if model.exists():
-            tracker.log_artifact(model, "model")
+        models = Path(config.out_dir).parent
+        logged_models.log_index(tracker, run_path(config, pool), models, models / "pretrain")
         report_table(model_id(pool), [scalars], f"Supervised control on pool '{pool}'")
         return result

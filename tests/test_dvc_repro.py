@@ -14,6 +14,7 @@ import yaml
 
 from clipshift.config import PipelineConfig
 from tests.conftest import REPO
+from tests.test_logged_models import assert_every_checkpoint_is_a_model
 from tests.tiny import tiny_params
 
 pytestmark = pytest.mark.slow
@@ -116,5 +117,7 @@ def test_whole_study_end_to_end(repo_copy):
     scaling = json.loads((dest / "metrics/scaling.json").read_text())
     # frontier fits need two frontier runs, which a tiny world need not give; all-runs fits do
     assert scaling["fits_all_runs"] and len(scaling["runs"]) >= 3 and scaling["pool_size"]
+    # every checkpoint an MLflow LoggedModel, with dataset-linked metrics and its parents
+    assert assert_every_checkpoint_is_a_model(dest, env["MLFLOW_TRACKING_URI"]) >= 20
     status = _run(["dvc", "status"], dest, env).stdout
     assert "up to date" in status or "changed" not in status

@@ -287,17 +287,21 @@ def test_run_is_tracked_in_mlflow(mlflow_run):
     assert mlflow_run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
 
 
-def test_artifacts_land_in_the_s3_bucket(mlflow_run, platform):
+def s3_client(ep: dict[str, str]):  # noqa: ANN201 - boto3's client type is generated
     import boto3
 
-    ep = platform["endpoints"]
-    s3 = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=ep["AWS_ENDPOINT_URL_S3"],
         aws_access_key_id=ep["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=ep["AWS_SECRET_ACCESS_KEY"],
         region_name="us-east-1",
     )
+
+
+def test_artifacts_land_in_the_s3_bucket(mlflow_run, platform):
+    ep = platform["endpoints"]
+    s3 = s3_client(ep)
     listing = s3.list_objects_v2(Bucket=ep["CLIPSHIFT_BUCKET"], Prefix="mlartifacts/")
     keys = [o["Key"] for o in listing.get("Contents", [])]
     ours = [k for k in keys if f"/{mlflow_run.info.run_id}/artifacts/" in k]
@@ -321,6 +325,45 @@ def test_prefect_links_to_the_mlflow_run(fetch_run, mlflow_run, platform):
     assert len(links) == 1
     url = f"{platform['endpoints']['MLFLOW_TRACKING_URI']}/#/experiments/"
     assert url in links[0]["data"] and mlflow_run.info.run_id in links[0]["data"]
+
+
+def test_logged_models_land_on_the_server_and_in_s3(platform, tmp_path, monkeypatch):
+    """Checkpoints logged as LoggedModels against the platform: the models, their lineage and
+    dataset-linked metrics are on the MLflow server, their weights in the S3 bucket, and a
+    promoted model loads through the registry."""
+    import mlflow
+    import numpy as np
+
+    from clipshift import logged_models as LM
+    from clipshift import tracking
+    from tests.test_logged_models import CLASSES, build_study, log_study, logged_by_sha
+
+    ep = platform["endpoints"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", ep["MLFLOW_TRACKING_URI"])
+    monkeypatch.delenv("CLIPSHIFT_PIPELINE_RUN_ID", raising=False)
+    models = build_study(tmp_path)
+    log_study(models)
+    point = models / "interpolate" / "wiseft-diverse-a0.5.pt"
+    with tracking.stage_run("evaluate") as tracker:
+        assert LM.ModelLogger(tracker).log_metrics(point, {("accuracy", "test"): 0.5}, {}) == 1
+    by_sha = logged_by_sha(ep["MLFLOW_TRACKING_URI"])
+    model = next(m for m in by_sha.values() if m.tags[LM.ID_TAG] == "wiseft-diverse-a0.5")
+    assert model.artifact_location.startswith("mlflow-artifacts:")  # proxied to S3
+    assert model.params["parent.finetuned"] in {m.model_id for m in by_sha.values()}
+    client = mlflow.MlflowClient(tracking_uri=ep["MLFLOW_TRACKING_URI"])
+    assert [(m.key, m.dataset_name) for m in client.get_logged_model(model.model_id).metrics] == [
+        ("accuracy", "test")
+    ]
+    s3 = s3_client(ep)
+    listing = s3.list_objects_v2(Bucket=ep["CLIPSHIFT_BUCKET"], Prefix="mlartifacts/")
+    keys = [o["Key"] for o in listing.get("Contents", []) if model.model_id in o["Key"]]
+    assert any(k.endswith("MLmodel") for k in keys), keys
+    assert any(k.endswith("wiseft-diverse-a0.5.pt") for k in keys), keys
+    assert LM.promote(model.model_id, "clipshift-platform") == "1"
+    loaded = mlflow.pyfunc.load_model("models:/clipshift-platform@champion")
+    images = np.random.default_rng(0).integers(0, 255, size=(2, 16, 16, 3), dtype=np.uint8)
+    assert list(loaded.predict(images).columns) == CLASSES
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -362,15 +405,7 @@ def test_dvc_remote_on_the_s3_store(platform, tmp_path):
     assert _digest(repo / "data") == before
     assert (repo / "data.dvc").read_text() == pointer
 
-    import boto3
-
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=ep["AWS_ENDPOINT_URL_S3"],
-        aws_access_key_id=ep["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=ep["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    )
+    s3 = s3_client(ep)
     keys = s3.list_objects_v2(Bucket=ep["CLIPSHIFT_BUCKET"], Prefix="dvc/roundtrip/")
     assert keys.get("KeyCount", 0) >= 7  # 6 files + the directory listing object
 

@@ -105,7 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--pool", default="clipshift-local", help="work pool (default: %(default)s)"
     )
     deploy.add_argument("--only", help="comma-separated flow names (default: all)")
+    promote = sub.add_parser(
+        "promote", help="register an MLflow logged model and point an alias at that version"
+    )
+    promote.add_argument("model_id", help="the LoggedModel's id (m-...), as the MLflow UI shows")
+    promote.add_argument(
+        "--name", help="registered model (default: evaluate.registered_model in the params file)"
+    )
+    promote.add_argument("--alias", default="champion", help="alias to set (default: %(default)s)")
     return parser
+
+
+def promote(args: argparse.Namespace) -> str:
+    from clipshift.logged_models import promote as register
+
+    name = args.name
+    if name is None:
+        from clipshift.config import load_params
+
+        name = load_params(args.params).evaluate.registered_model
+    version = register(args.model_id, name, alias=args.alias)
+    return f"{args.model_id} is {name} v{version} @{args.alias}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             only = args.only.split(",") if args.only else None
             result = deploy_all(work_pool=args.pool, only=only, params_path=args.params)
             print(f"deployed {len(result.deployed)} deployment(s) on work pool {args.pool}")
+            return 0
+        if args.command == "promote":
+            print(promote(args))
             return 0
         run_stage(args.command, args.params, getattr(args, "pool", None))
     except ClipshiftError as err:

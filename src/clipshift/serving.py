@@ -54,11 +54,13 @@ class ClassifierModel(PythonModel):
         return pd.DataFrame(probs, columns=columns)
 
 
-def log_classifier(checkpoint: str | Path, name: str = "model") -> Any:
-    """Log the pyfunc model to the active MLflow run; returns MLflow's ModelInfo."""
+def log_classifier(checkpoint: str | Path, name: str = "model", **logged_model: Any) -> Any:
+    """Log the pyfunc model to the active MLflow run as a LoggedModel (``logged_model``: its
+    ``params``, ``tags``, ``model_type``); returns MLflow's ModelInfo."""
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=ClassifierModel(),
+        python_model=str(Path(__file__).with_name("serving_model.py")),  # models from code
         artifacts={"classifier": str(checkpoint)},
         pip_requirements=["clipshift"],
+        **logged_model,
     )

@@ -158,6 +158,12 @@ class MlflowTracker:
             sender = self._sender
         sender.join(self.wait_s)
 
+    def queue_metrics(self, metrics: list[Any]) -> None:
+        """Queue ready-made MLflow ``Metric`` entities (e.g. linked to a model and a dataset);
+        they go out with the next send, at the latest when the run closes."""
+        with self._lock:
+            self._pending += metrics
+
     def _send_pending(self) -> None:
         try:
             self._send(raise_on_error=False)
@@ -416,16 +422,20 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): obj}
 
 
+def dataset_digest(info: dict) -> str:
+    """A dataset's content digest: of its shards' sha256s (a ``dataset.json``'s ``shards``)."""
+    return hashlib.sha256("".join(s["sha256"] for s in info["shards"]).encode()).hexdigest()[:16]
+
+
 def log_datasets(tracker: MlflowTracker, manifest: dict, data_dir: Path) -> None:
     """Record each dataset as an MLflow run input (name, content digest, source, profile)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     inputs = []
     for name, info in sorted(manifest["datasets"].items()):
-        digest = hashlib.sha256("".join(s["sha256"] for s in info["shards"]).encode()).hexdigest()
         dataset = Dataset(
             name=name,
-            digest=digest[:16],
+            digest=dataset_digest(info),
             source_type="local",
             source=json.dumps({"uri": str((Path(data_dir) / name).resolve())}),
             profile=json.dumps(

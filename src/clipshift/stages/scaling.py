@@ -111,6 +111,8 @@ CSV_COLUMNS = (
     "effective_robustness_avg",
 )
 EVAL_FILE = "eval.json"
+ID_DATASET = "test"  # the reference task's set every run is scored on
+RETRIEVAL_DATASET = "retrieval"
 #: Bump when the evaluation protocol changes, so stored eval.json files are recomputed.
 #: 2: eval.json holds no timing (models/scaling is a DVC output); eval_seconds is in the row.
 #: 3: zero-shot accuracy on every shift set.
@@ -153,6 +155,16 @@ def main_point(pretrain: PretrainConfig) -> ScalingRun:
     """The default pretrain run as a grid point."""
     vision = main_model(pretrain)[1]["vision_cfg"]
     return ScalingRun(width=vision["width"], layers=vision["layers"], samples=pretrain.samples)
+
+
+def point_checkpoint(
+    cfg: ScalingConfig, pool: str, point: ScalingRun, fraction: float, row: Mapping[str, Any]
+) -> Path:
+    """The checkpoint a grid row was scored from: its own run's, or the reused pretrain run's."""
+    home = (
+        Path(row["reused_from"]) if row.get("reused_from") else run_dir(cfg, pool, point, fraction)
+    )
+    return home / "checkpoint.pt"
 
 
 def run_name(point: ScalingRun, fraction: float = 1.0) -> str:
@@ -230,7 +242,7 @@ def load_eval_data(cfg: ScalingConfig) -> ClipEvalData:
     def labelled(name: str) -> loaders.LabelledData:
         return loaders.load_labelled(data / name, loaders.read_exclude(cfg.validate_dir, name))
 
-    train, test = labelled("train"), labelled("test")
+    train, test = labelled("train"), labelled(ID_DATASET)
     classes = task_classes(data, test.classes)
     shifts = {name: labelled(name) for name in shift_names(data)}
     top = max(int(d.labels.max()) for d in [train, test, *shifts.values()] if len(d.labels))
@@ -239,7 +251,8 @@ def load_eval_data(cfg: ScalingConfig) -> ClipEvalData:
             f"labels go up to {top} but the task has {len(classes)} classes; re-run fetch"
         )
     pairs = loaders.load_captioned(
-        data / "retrieval", exclude=loaders.read_exclude(cfg.validate_dir, "retrieval")
+        data / RETRIEVAL_DATASET,
+        exclude=loaders.read_exclude(cfg.validate_dir, RETRIEVAL_DATASET),
     )
     return ClipEvalData(classes, train, test, pairs.images, pairs.captions, shifts)
 
