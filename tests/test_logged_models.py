@@ -148,11 +148,13 @@ def test_weights_only_where_a_user_would_deploy(study, mlflow_store):
     assert files(study / "pretrain/diverse/checkpoint.pt") == {"checkpoint.pt", f"{ARCH}.json"}
 
 
-def test_a_rerun_reuses_models_and_a_new_file_gets_a_new_one(study, mlflow_store):
+def test_a_rerun_reuses_models_and_a_new_file_gets_a_new_one(study, mlflow_store, capsys):
     log_study(study)
     before = logged_by_sha(mlflow_store)
+    capsys.readouterr()
     log_study(study)  # DVC re-ran the stages and they wrote the same files
     assert logged_by_sha(mlflow_store).keys() == before.keys()
+    assert "MLflow: 0 models logged, 3 reused" in capsys.readouterr().out  # interpolate's
     _classifier(study / "finetune/baseline-00.pt", 99)  # retrained: new bytes
     with tracking.stage_run("finetune") as tracker:
         LM.log_index(tracker, study / "finetune", study, study / "pretrain")

@@ -327,6 +327,9 @@ def test_prefect_links_to_the_mlflow_run(fetch_run, mlflow_run, platform):
     assert url in links[0]["data"] and mlflow_run.info.run_id in links[0]["data"]
 
 
+DIGEST = {"test": "0123456789abcdef"}
+
+
 def test_logged_models_land_on_the_server_and_in_s3(platform, tmp_path, monkeypatch):
     """Checkpoints logged as LoggedModels against the platform: the models, their lineage and
     dataset-linked metrics are on the MLflow server, their weights in the S3 bucket, and a
@@ -346,14 +349,16 @@ def test_logged_models_land_on_the_server_and_in_s3(platform, tmp_path, monkeypa
     log_study(models)
     point = models / "interpolate" / "wiseft-diverse-a0.5.pt"
     with tracking.stage_run("evaluate") as tracker:
-        assert LM.ModelLogger(tracker).log_metrics(point, {("accuracy", "test"): 0.5}, {}) == 1
+        linked = LM.ModelLogger(tracker).log_metrics(point, {("accuracy", "test"): 0.5}, DIGEST)
     by_sha = logged_by_sha(ep["MLFLOW_TRACKING_URI"])
     model = next(m for m in by_sha.values() if m.tags[LM.ID_TAG] == "wiseft-diverse-a0.5")
+    assert linked == 1
     assert model.artifact_location.startswith("mlflow-artifacts:")  # proxied to S3
     assert model.params["parent.finetuned"] in {m.model_id for m in by_sha.values()}
     client = mlflow.MlflowClient(tracking_uri=ep["MLFLOW_TRACKING_URI"])
-    assert [(m.key, m.dataset_name) for m in client.get_logged_model(model.model_id).metrics] == [
-        ("accuracy", "test")
+    metrics = client.get_logged_model(model.model_id).metrics
+    assert [(m.key, m.dataset_name, m.dataset_digest) for m in metrics] == [
+        ("accuracy", "test", DIGEST["test"])
     ]
     s3 = s3_client(ep)
     listing = s3.list_objects_v2(Bucket=ep["CLIPSHIFT_BUCKET"], Prefix="mlartifacts/")

@@ -351,3 +351,18 @@ def test_default_grid_holds_the_default_pretrain_run_in_its_family():
         assert text["width"] // text["heads"] == 32  # the main model's text head width
         flops.add(clip_flops_per_sample(member)["total"] * p.samples)
     assert len(flops) >= 5  # enough distinct compute for a frontier fit, its CI and hold-out
+
+
+def test_one_worker_plans_nothing_up_front(monkeypatch):
+    """With one worker each task plans and trains its own point: planning every point first
+    would only be done twice."""
+    import clipshift.stages.scaling as scaling
+
+    def no_plan(*args, **kwargs):
+        raise AssertionError("planned with one worker")
+
+    monkeypatch.setenv("CLIPSHIFT_WORKERS", "1")
+    monkeypatch.setattr(scaling, "training_plan", no_plan)
+    points = [("p", ScalingRun(width=32, layers=1, samples=64), 1.0)] * 2
+    trained = scaling.train_side_by_side(ScalingConfig(), PretrainConfig(), points, None, False)
+    assert trained == [None, None]

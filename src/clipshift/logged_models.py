@@ -94,6 +94,7 @@ class ModelLogger:
         self.client = tracker.client
         self.experiment_id = self.client.get_run(tracker.run_id).info.experiment_id
         self._ids: dict[str, str] = {}  # sha256 -> model id
+        self.created = 0
 
     def model_id(self, path: str | Path) -> str | None:
         sha = checkpoint_sha256(path)
@@ -106,7 +107,14 @@ class ModelLogger:
 
     def log(self, models: Iterable[CheckpointModel]) -> dict[str, str]:
         """Log each model (or reuse the one logged for the same file); name -> model id."""
-        return {m.name: self._log_one(m) for m in models}
+        start, before = time.perf_counter(), self.created
+        ids = {m.name: self._log_one(m) for m in models}
+        created = self.created - before
+        print(
+            f"MLflow: {created} models logged, {len(ids) - created} reused "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
+        return ids
 
     def _log_one(self, model: CheckpointModel) -> str:
         sha = checkpoint_sha256(model.path)
@@ -129,6 +137,7 @@ class ModelLogger:
         else:
             model_id = self._log_files(model, params, tags)
         self._ids[sha] = model_id
+        self.created += 1
         return model_id
 
     def _log_classifier(self, model: CheckpointModel, params: dict, tags: dict) -> str:
@@ -181,8 +190,10 @@ class ModelLogger:
         # MLflow keys a model's metric by (name, timestamp, step), not by dataset: one
         # millisecond apart, "accuracy" on every dataset fits.
         now = int(time.time() * 1000)
+        # MLflow takes a dataset only with its digest: a set without one stays unnamed
         metrics = [
-            Metric(key, float(value), now + i, 0, model_id=model_id, dataset_name=dataset,
+            Metric(key, float(value), now + i, 0, model_id=model_id,
+                   dataset_name=dataset if dataset in digests else None,
                    dataset_digest=digests.get(dataset))
             for i, ((key, dataset), value) in enumerate(values.items())
         ]  # fmt: skip

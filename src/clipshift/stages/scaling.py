@@ -435,18 +435,20 @@ def train_side_by_side(
     (:mod:`clipshift.parallel`); what each logged is kept for its point's MLflow run. None
     for a point left to its task: the reused pretrain run, or every point with one worker
     (each then trains in its own task, logging as it goes)."""
+    trained: list[Trained | None] = [None] * len(points)
+    if worker_count(len(points), default_device()) <= 1:
+        return trained  # one worker: no plan here, each task plans and trains its own point
     plans = [training_plan(cfg, pretrain, *point, inputs, progress) for point in points]
     first = {run_dir(cfg, *point): i for i, point in reversed(list(enumerate(points)))}
     # a point listed twice (the ablation's full pool is a grid point) trains once; its task
     # then finds the finished run and reuses it
     todo = [i for i in sorted(first.values()) if isinstance(plans[i], Run)]
     workers = worker_count(len(todo), default_device())
-    trained: list[Trained | None] = [None] * len(points)
     if workers <= 1:
         return trained
     runs = [cast(Run, plans[i]) for i in todo]
     for i, run in zip(todo, runs, strict=True):
-        pool, point, fraction = points[i]
+        point = points[i][1]
         run.tracker = RecordingTracker()
         run.cost = point.width**2 * point.layers * point.samples  # ~ training FLOPs
     for i, run, result in zip(todo, runs, run_side_by_side(runs, workers), strict=True):
