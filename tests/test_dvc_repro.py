@@ -99,6 +99,7 @@ def _values_of(obj, key: str) -> list:
     return []
 
 
+@pytest.mark.timeout(1800)  # the whole tiny study: minutes, more on a busy machine
 def test_whole_study_end_to_end(repo_copy):
     dest, env = repo_copy
     env = {k: v for k, v in env.items() if k != "CLIPSHIFT_WORKERS"}  # runs side by side
