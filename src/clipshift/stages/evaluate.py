@@ -399,8 +399,8 @@ def _summarise(
     baseline_ids = [e.id for e in entries if e.kind == "baseline"]
     external = load_external(cfg, shifts, subset_shifts)
     if external is not None:  # a CSV without a subset shift's ID column: plain ID on that x
-        has = [s for s in subset_shifts if robustness.class_subset_id("id", s) in external]
-        subset_shifts = has
+        covered = {s for s in subset_shifts if robustness.class_subset_id("id", s) in external}
+        subset_shifts = [s for s in subset_shifts if s in covered]
     groups = shift_groups(cfg.data_dir, shifts)
     study = robustness.build_study(
         _records(entries, acc),
