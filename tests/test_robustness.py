@@ -175,7 +175,8 @@ def test_summarise_contract():
     assert set(out) == {"models", "baseline_fit", "group_fit", "groups", "baselines"}
     assert set(out["baseline_fit"]) == {*SHIFTS, "avg"}
     for fit in [*out["baseline_fit"].values(), *out["group_fit"].values()]:
-        assert set(fit) == {"slope", "intercept", "r2", "transform", "n", "residual_signs"}
+        assert set(fit) == {"slope", "intercept", "r2", "transform", "x", "n", "residual_signs"}
+        assert fit["x"] == "test"  # no subset shift: every line is on the whole ID set
     # untagged shifts are natural and unseen; "natural" is every natural shift
     assert out["groups"] == {"natural-unseen": SHIFTS, "natural": SHIFTS}
     assert out["baseline_fit"]["shift-a"]["slope"] == pytest.approx(0.9, abs=1e-6)

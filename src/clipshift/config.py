@@ -612,6 +612,24 @@ class InterpolateConfig(StrictModel):
 # --------------------------------------------------------------------------------------------
 # evaluate
 
+#: The ``evaluate.external_baselines`` value naming the built-in ImageNet testbed
+#: (``clipshift.methods.testbed``) instead of a CSV path.
+TESTBED = "imagenet-testbed"
+#: The testbed's shifts a shift dataset can be matched with (``evaluate.testbed_shifts``).
+TestbedShiftName = Literal[
+    "imagenet-v2", "imagenet-sketch", "imagenet-r", "objectnet", "imagenet-a"
+]
+
+
+def check_external_baselines(value: str | None) -> str | None:
+    """``imagenet-testbed``, or a CSV that exists (remote URIs are checked when read)."""
+    if value == TESTBED:
+        return value
+    try:
+        return check_existing_path(value)
+    except ValueError as err:
+        raise ValueError(f"{err}; external_baselines takes a CSV path or '{TESTBED}'") from None
+
 
 class EvaluateConfig(StrictModel):
     data_dir: str = Field("data/fetch")
@@ -625,9 +643,16 @@ class EvaluateConfig(StrictModel):
         "logit", description="Axis scaling of the baseline fit (the ImageNet testbed uses logit)."
     )
     external_baselines: str | None = Field(
-        None, description="CSV of model, id accuracy and one column per shift, joined to baselines."
+        None,
+        description="CSV of model, id accuracy and one column per shift, joined to baselines; "
+        f"or '{TESTBED}': the ImageNet testbed's models trained on ImageNet alone (built in).",
     )
     external_mode: Literal["join", "replace"] = Field("join")
+    testbed_shifts: dict[str, TestbedShiftName] = Field(
+        default_factory=dict,
+        description=f"With external_baselines: {TESTBED}, shift dataset name -> testbed shift; "
+        "a shift not listed is matched by its own name (a dataset named imagenet-r, ...).",
+    )
     retrieval_ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
     batch_size: int = Field(256, ge=1, le=65536)
     workers: int = Field(1, ge=0, le=64)
@@ -662,7 +687,16 @@ class EvaluateConfig(StrictModel):
         "left out of the line fit: near-chance points tilt a logit line.",
     )
 
-    _external_exists = field_validator("external_baselines")(check_existing_path)
+    _external_exists = field_validator("external_baselines")(check_external_baselines)
+
+    @model_validator(mode="after")
+    def _testbed_shifts_need_the_testbed(self) -> EvaluateConfig:
+        if self.testbed_shifts and self.external_baselines != TESTBED:
+            raise ValueError(
+                f"testbed_shifts is set but external_baselines is {self.external_baselines!r}; "
+                f"set external_baselines: {TESTBED} or remove testbed_shifts"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------

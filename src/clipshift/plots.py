@@ -92,11 +92,14 @@ def _axis_range(values: np.ndarray) -> tuple[float, float]:
 
 
 def _model_points(summary: Mapping[str, Any], shift: str) -> dict[str, dict[str, Any]]:
-    """Per model: id and shift accuracy (the shift mean for ``shift == "avg"``)."""
+    """Per model: the line's x accuracy (ID, or ID on a subset shift's classes: the fit's
+    ``x``) and shift accuracy (the shift mean for ``shift == "avg"``)."""
+    x_set = summary["baseline_fit"][shift].get("x")
     points = {}
     for mid, rec in summary["models"].items():
         y = rec["ood_accuracy_avg"] if shift == "avg" else rec["accuracy"][shift]
-        points[mid] = {**rec, "x": rec["id_accuracy"], "y": y}
+        x = rec["accuracy"][x_set] if x_set else rec["id_accuracy"]
+        points[mid] = {**rec, "x": x, "y": y}
     return points
 
 
@@ -229,7 +232,8 @@ def plot_effective_robustness(
         set_labels(labels)
     ax.grid(True, color="0.92", zorder=0)
     name = "mean over shifts" if shift == "avg" else shift
-    ax.set_xlabel(f"reference (ID) accuracy, % ({transform} scale)")
+    x_name = f" ({fit['x']})" if fit.get("x") else ""  # a subset shift: ID on its classes
+    ax.set_xlabel(f"reference (ID) accuracy{x_name}, % ({transform} scale)")
     ax.set_ylabel(f"accuracy on {name}, % ({transform} scale)")
     ax.set_title(
         f"Effective robustness: {name}\nbaseline fit R² = {fit['r2']:.3f}, slope {fit['slope']:.2f}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -159,10 +159,20 @@ def _parse_float(text: str, where: str) -> float:
     return value
 
 
-def load_external_baselines(csv_path: str | Path, shifts: Iterable[str]) -> dict[str, list]:
+def class_subset_id(id_dataset: str, shift: str) -> str:
+    """Name of the accuracy on the reference set restricted to ``shift``'s classes (scored
+    over those classes): the x axis of a class-subset shift such as ImageNet-R."""
+    return f"{id_dataset}-on-{shift}-classes"
+
+
+def load_external_baselines(
+    csv_path: str | Path, shifts: Iterable[str], subset_shifts: Iterable[str] = ()
+) -> dict[str, list]:
     """Read external baseline models from a CSV.
 
-    Columns: ``model``, ``id`` (or ``id_accuracy``) and one column per shift name; extra columns
+    Columns: ``model``, ``id`` (or ``id_accuracy``) and one column per shift name; for each of
+    ``subset_shifts``, an optional ``id-on-<shift>-classes`` column (ID accuracy on that
+    shift's classes, :func:`class_subset_id`) is read when present. Other columns
     are ignored. Accuracies may be fractions or percents: if any accuracy in the file is above
     1, the whole file is read as percents and divided by 100 (deciding per file, not per cell,
     so a 0.9 % model in a percent file is not misread as 90 %).
@@ -188,16 +198,18 @@ def load_external_baselines(csv_path: str | Path, shifts: Iterable[str]) -> dict
         )
     if not rows:
         raise DataError(f"{path} has a header but no rows; add at least one baseline model")
+    subset_cols = [class_subset_id("id", s) for s in subset_shifts]
+    keys = [("id", id_col)] + [(c, c) for c in [*shifts, *subset_cols] if c in columns]
     table: dict[str, list] = {"model": [r["model"] for r in rows]}
-    for key, col in [("id", id_col)] + [(s, s) for s in shifts]:
+    for key, col in keys:
         table[key] = [
             _parse_float(r[col], f"{path} row {i + 2} column {col!r}") for i, r in enumerate(rows)
         ]
-    values = np.array([table[k] for k in ["id", *shifts]], dtype=float)
+    values = np.array([table[k] for k, _ in keys], dtype=float)
     if values.min() < 0 or values.max() > 100:
         raise DataError(f"{path} has accuracies outside [0, 100]; write fractions or percents")
     if values.max() > 1:
-        for key in ["id", *shifts]:
+        for key, _ in keys:
             table[key] = [v / 100.0 for v in table[key]]
     return table
 
@@ -218,10 +230,12 @@ def _accuracy(models: Mapping[str, Mapping[str, Any]], model_id: str, dataset: s
 
 def _external_models(external: Mapping[str, list], id_dataset: str, shifts: list[str]) -> dict:
     """External rows as model records, so they are plotted and reported like any other model."""
+    subset = {class_subset_id(id_dataset, s): class_subset_id("id", s) for s in shifts}
+    columns = {id_dataset: "id", **{s: s for s in shifts}}
+    columns.update({name: key for name, key in subset.items() if key in external})
     out = {}
     for i, name in enumerate(external["model"]):
-        accuracy = {id_dataset: float(external["id"][i])}
-        accuracy.update({s: float(external[s][i]) for s in shifts})
+        accuracy = {dataset: float(external[key][i]) for dataset, key in columns.items()}
         out[f"{EXTERNAL_PREFIX}{name}"] = {"kind": "external", "accuracy": accuracy}
     return out
 
@@ -268,8 +282,10 @@ def group_shifts(
 @dataclass
 class Study:
     """Everything the summary is computed from. Rows are ``models`` (external ones included),
-    columns ``datasets`` = [ID set, *shifts]. ``fit_models`` (ordered by ID accuracy) define
-    the lines; ``excluded`` are baselines left out for being too close to chance."""
+    columns ``datasets`` = [ID set, *shifts, ID set on each subset shift's classes].
+    ``fit_models`` (ordered by ID accuracy) define the lines; ``excluded`` are baselines left
+    out for being too close to chance. ``subset_shifts`` cover part of the classes: their
+    line's x axis is the ID accuracy on their classes (:func:`class_subset_id`)."""
 
     records: dict[str, dict[str, Any]]
     id_dataset: str
@@ -281,6 +297,7 @@ class Study:
     chance: float | None
     exclusion_note: str | None
     transform: str
+    subset_shifts: list[str] = field(default_factory=list)
 
     @property
     def models(self) -> list[str]:
@@ -288,7 +305,15 @@ class Study:
 
     @property
     def datasets(self) -> list[str]:
-        return [self.id_dataset, *self.shifts]
+        subset = [class_subset_id(self.id_dataset, s) for s in self.subset_shifts]
+        return [self.id_dataset, *self.shifts, *subset]
+
+    def x_dataset(self, key: str) -> str:
+        """The x axis of line ``key``: a subset shift's own classes, else the whole ID set
+        (the shift-average and group lines mix shifts, so they keep the whole ID set)."""
+        if key in self.subset_shifts:
+            return class_subset_id(self.id_dataset, key)
+        return self.id_dataset
 
     @property
     def lines(self) -> dict[str, list[str]]:
@@ -309,8 +334,9 @@ class Study:
 @dataclass
 class Analysis:
     """Every derived number of a :class:`Study`, with a leading replicate axis ``B`` (1 for
-    the point estimate): ``id_acc`` and ``ood[key]``/``er[key]`` are ``(B, M)``, the line
-    parameters per key ``(B,)``."""
+    the point estimate): ``id_acc`` and ``ood[key]``/``er[key]``/``x[key]`` (the line's x
+    axis accuracy, ``id_acc`` but for subset shifts) are ``(B, M)``, the line parameters per
+    key ``(B,)``."""
 
     models: list[str]
     id_acc: np.ndarray
@@ -319,6 +345,7 @@ class Analysis:
     slope: dict[str, np.ndarray]
     intercept: dict[str, np.ndarray]
     r2: dict[str, np.ndarray]
+    x: dict[str, np.ndarray] = field(default_factory=dict)
 
     def row(self, model: str) -> int:
         if model not in self.models:
@@ -333,11 +360,12 @@ def analyse(table: np.ndarray, study: Study) -> Analysis:
     acc = acc[None] if acc.ndim == 2 else acc
     t = study.transform
     rows = [study.models.index(m) for m in study.fit_models]
-    col = {s: 1 + i for i, s in enumerate(study.shifts)}
+    col = {d: i for i, d in enumerate(study.datasets)}
     id_acc = acc[:, :, 0]
-    zx = to_axis(id_acc, t)
     out = Analysis(study.models, id_acc, {}, {}, {}, {}, {})
     for key, members in study.lines.items():
+        out.x[key] = acc[:, :, col[study.x_dataset(key)]]
+        zx = to_axis(out.x[key], t)
         ood = acc[:, :, [col[s] for s in members]].mean(axis=-1)
         slope, intercept, r2 = fit_lines(zx[:, rows], to_axis(ood, t)[:, rows])
         predicted = from_axis(slope[:, None] * zx + intercept[:, None], t)
@@ -382,9 +410,13 @@ def build_study(
     shift_groups: Mapping[str, str] | None = None,
     num_classes: int | None = None,
     min_chance_multiple: float = 0.0,
+    subset_shifts: Sequence[str] = (),
 ) -> Study:
     """Check the inputs and decide which models define the line (see :func:`summarise`)."""
     shifts = list(shifts)
+    unknown_subset = [s for s in subset_shifts if s not in shifts]
+    if unknown_subset:
+        raise DataError(f"subset shift(s) {unknown_subset} are not among the shifts {shifts}")
     _check_transform(transform)
     if not shifts:
         raise DataError("no shift datasets to summarise; add shift styles or shift sources")
@@ -415,17 +447,19 @@ def build_study(
             f"cannot fit the baseline line from models {fitted}: {err} "
             "(finetune.baselines or evaluate.external_baselines provide baselines)"
         ) from err
+    needed = [id_dataset, *shifts, *(class_subset_id(id_dataset, s) for s in subset_shifts)]
     for mid, rec in records.items():
-        missing = [d for d in [id_dataset, *shifts] if d not in rec.get("accuracy", {})]
+        missing = [d for d in needed if d not in rec.get("accuracy", {})]
         if missing:
             raise DataError(
-                f"model {mid!r} has no accuracy on {missing}; evaluate it on the "
-                "reference test set and every shift"
+                f"model {mid!r} has no accuracy on {missing}; evaluate it on the reference "
+                "test set (and on each subset shift's classes) and on every shift"
             )
     groups = group_shifts(shifts, shift_groups)
     return Study(
-        records, id_dataset, shifts, groups, fitted, excluded, min_id, chance, note, transform
-    )
+        records, id_dataset, shifts, groups, fitted, excluded, min_id, chance, note, transform,
+        list(subset_shifts),
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,7 +477,7 @@ def residual_signs(study: Study, point: Analysis, key: str) -> str:
     accuracy from the line in the transformed space (a run of one sign = curvature)."""
     rows = [study.models.index(m) for m in study.fit_models]
     t = study.transform
-    z = point.slope[key][0] * to_axis(point.id_acc[0, rows], t) + point.intercept[key][0]
+    z = point.slope[key][0] * to_axis(point.x[key][0, rows], t) + point.intercept[key][0]
     resid = to_axis(point.ood[key][0, rows], t) - z
     return "".join("+" if r > 1e-9 else "-" if r < -1e-9 else "0" for r in resid)
 
@@ -454,6 +488,7 @@ def _fit_entry(study: Study, point: Analysis, boot: Analysis | None, key: str) -
         "intercept": float(point.intercept[key][0]),
         "r2": float(point.r2[key][0]),
         "transform": study.transform,
+        "x": study.x_dataset(key),
         "n": len(study.fit_models),
         "residual_signs": residual_signs(study, point, key),
     }
@@ -560,7 +595,9 @@ def summarise(
     fitted to the baselines' group means (``group_fit[g]``; ``natural`` = both natural tags).
     ``study_options`` (keyword only): ``shift_groups`` ({shift: tag}, default
     :data:`DEFAULT_SHIFT_GROUP`), ``num_classes`` and ``min_chance_multiple`` (baselines with
-    ID accuracy below multiple / num_classes leave the fit).
+    ID accuracy below multiple / num_classes leave the fit), ``subset_shifts`` (shifts over a
+    class subset, each fitted against ID accuracy on its classes: every model's ``accuracy``
+    then holds :func:`class_subset_id` entries; ``baseline_fit[s]["x"]`` names each x axis).
     """
     study = build_study(
         models, id_dataset, shifts, baseline_ids, transform, external, external_mode,

@@ -30,12 +30,12 @@ from clipshift.classifier import (
     extract_features,
     load_classifier,
 )
-from clipshift.config import EvaluateConfig
+from clipshift.config import TESTBED, EvaluateConfig
 from clipshift.data.loaders import load_captioned, load_labelled, read_exclude
 from clipshift.data.shards import load_info
 from clipshift.errors import DataError
 from clipshift.io_utils import write_json_atomic
-from clipshift.methods import bootstrap, robustness
+from clipshift.methods import bootstrap, robustness, testbed
 from clipshift.methods.clip_eval import retrieval_recall
 from clipshift.methods.findings import compute_findings
 from clipshift.methods.knn import knn_predict, load_knn
@@ -324,6 +324,27 @@ def load_eval_sets(cfg: EvaluateConfig) -> tuple[dict[str, str], dict[str, Any],
     return roles, datasets, masks
 
 
+def add_subset_id_sets(
+    datasets: dict[str, Any], masks: dict[str, torch.Tensor], id_name: str, shifts: Sequence[str]
+) -> list[str]:
+    """For each shift scored over a class subset (ImageNet-R, -A, ObjectNet), add the reference
+    test set restricted to those classes and scored over them, under
+    :func:`~clipshift.methods.robustness.class_subset_id`: the x axis of that shift's line, as
+    in the ImageNet testbed. Returns the subset shifts."""
+    ref = datasets[id_name]
+    subset_shifts = [s for s in shifts if s in masks]
+    for shift in subset_shifts:
+        keep = masks[shift][ref.labels].nonzero().flatten()
+        if keep.numel() == 0:
+            raise DataError(
+                f"the reference test set '{id_name}' has no image of shift '{shift}''s classes, "
+                "so its x axis (ID accuracy on those classes) is undefined; check class_map"
+            )
+        name = robustness.class_subset_id(id_name, shift)
+        datasets[name], masks[name] = ref.subset(keep), masks[shift]
+    return subset_shifts
+
+
 def run_evaluate(
     cfg: EvaluateConfig, tracker: Tracker | None = None, progress: bool = True
 ) -> dict:
@@ -337,6 +358,8 @@ def run_evaluate(
     t0 = time.perf_counter()
     roles, datasets, masks = load_eval_sets(cfg)
     id_name = id_dataset_name(roles)
+    class_subsets = {n: int(m.sum()) for n, m in masks.items()}
+    add_subset_id_sets(datasets, masks, id_name, [n for n, r in roles.items() if r == "shift"])
     entries = read_indices(cfg.models_dir)
     if not entries:
         raise DataError(f"no models indexed under {cfg.models_dir}/*/index.json; run finetune")
@@ -351,7 +374,7 @@ def run_evaluate(
         counts = per_class_counts(preds, datasets)
         bootstrap.write_counts(Path(cfg.out_dir) / PER_CLASS_FILE, counts)
         summary = _summarise(cfg, entries, acc, roles, id_name, datasets, dist.device, counts)
-        summary["class_subsets"] = {n: int(m.sum()) for n, m in masks.items()}
+        summary["class_subsets"] = class_subsets
         summary["world_size"] = dist.world_size
         summary["evaluate_seconds"] = round(time.perf_counter() - t0, 2)
         summary["feature_passes"] = stats.get("feature_passes", 0)
@@ -372,12 +395,12 @@ def _summarise(
 ) -> dict:
 
     shifts = sorted(n for n, r in roles.items() if r == "shift")
+    subset_shifts = [s for s in shifts if robustness.class_subset_id(id_name, s) in datasets]
     baseline_ids = [e.id for e in entries if e.kind == "baseline"]
-    external = (
-        robustness.load_external_baselines(cfg.external_baselines, shifts)
-        if cfg.external_baselines
-        else None
-    )
+    external = load_external(cfg, shifts, subset_shifts)
+    if external is not None:  # a CSV without a subset shift's ID column: plain ID on that x
+        covered = {s for s in subset_shifts if robustness.class_subset_id("id", s) in external}
+        subset_shifts = [s for s in subset_shifts if s in covered]
     groups = shift_groups(cfg.data_dir, shifts)
     study = robustness.build_study(
         _records(entries, acc),
@@ -390,13 +413,31 @@ def _summarise(
         shift_groups=groups,
         num_classes=counts.num_classes,
         min_chance_multiple=cfg.baseline_min_chance_multiple,
+        subset_shifts=subset_shifts,
     )
     summary = _robustness_summary(cfg, study, counts, entries)
+    if cfg.external_baselines == TESTBED:
+        summary["testbed"] = {
+            "model_type": testbed.BASELINE_MODEL_TYPE,
+            "models": len(external["model"]) if external else 0,
+            "shifts": testbed.map_shifts(shifts, cfg.testbed_shifts),
+        }
     summary["shift_groups"] = groups
     summary["retrieval"] = run_retrieval(cfg, device)
     summary["id_dataset"], summary["shifts"] = id_name, shifts
     summary["num_examples"] = {name: len(d.labels) for name, d in datasets.items()}
     return summary
+
+
+def load_external(
+    cfg: EvaluateConfig, shifts: Sequence[str], subset_shifts: Sequence[str]
+) -> dict[str, list] | None:
+    """The external baselines table: the built-in ImageNet testbed, a CSV, or none."""
+    if not cfg.external_baselines:
+        return None
+    if cfg.external_baselines == TESTBED:
+        return testbed.load_testbed_baselines(shifts, cfg.testbed_shifts, subset_shifts)
+    return robustness.load_external_baselines(cfg.external_baselines, shifts, subset_shifts)
 
 
 def _robustness_summary(
