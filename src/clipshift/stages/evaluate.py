@@ -164,16 +164,20 @@ def class_mask(info: Any) -> torch.Tensor | None:
     subset, classes = info.extra.get("class_subset"), info.classes
     if not subset or not classes:
         return None
-    keep = {classes[c] if isinstance(c, int) else c for c in subset}
-    unknown = sorted(keep - set(classes))
+    # by index where given: ImageNet has two classes named 'missile' (class_map: imagenet)
+    by_index = {c for c in subset if isinstance(c, int)}
+    by_name = {c for c in subset if not isinstance(c, int)}
+    outside = sorted(c for c in by_index if not 0 <= c < len(classes))
+    unknown = [*sorted(by_name - set(classes)), *outside]
     if unknown:
         raise DataError(
             f"dataset '{info.name}' declares class_subset entries {unknown[:5]} that are not "
             "among its classes; fix fetch.sources class_map and run fetch again"
         )
-    if keep == set(classes):
+    keep = by_index | {i for i, c in enumerate(classes) if c in by_name}
+    if len(keep) == len(classes):
         return None
-    return torch.tensor([c in keep for c in classes])
+    return torch.tensor([i in keep for i in range(len(classes))])
 
 
 # --------------------------------------------------------------------------------------------
