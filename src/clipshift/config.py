@@ -180,12 +180,23 @@ class SourceConfig(StrictModel):
     classnames: list[str] | None = Field(
         None, description="Class names in label order (ImageFolder: defaults to folder names)."
     )
-    class_map: dict[str, str] | None = Field(
+    class_map: dict[str, str] | Literal["imagenet"] | None = Field(
         None,
         description="Folder name -> task class name, for shifts that cover a subset of the "
-        "task's classes (ImageNet-R/-A, ObjectNet).",
+        "task's classes (ObjectNet), or 'imagenet': ImageNet-1k's WordNet-id folders (val, "
+        "Sketch, and the 200 of -R/-A) or ImageNetV2's 0…999, named by open_clip's ImageNet "
+        "class names (webdataset: cls is the ImageNet class index).",
     )
     max_samples: int | None = Field(None, ge=1, description="Stop after this many samples.")
+
+    @model_validator(mode="after")
+    def _names_or_imagenet(self) -> SourceConfig:
+        if self.class_map == "imagenet" and self.classnames is not None:
+            raise ValueError(
+                f"source '{self.name}': class_map: imagenet names the classes itself; remove "
+                "classnames"
+            )
+        return self
 
 
 WORLD_POOLS = ("diverse", "narrow")  # the built-in world's pretraining pools (pool-<name>)
@@ -503,7 +514,9 @@ class FinetuneConfig(StrictModel):
     pool: str = Field("diverse", description="Pretrained model to fine-tune (by pool).")
     templates: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TEMPLATES),
-        description="Prompt templates ('{}' is the class name) ensembled for the zero-shot head.",
+        description="Prompt templates ('{}' is the class name) ensembled for the zero-shot head, "
+        "or the name of one of open_clip's ImageNet sets: 'openai-imagenet' (CLIP's 80) or "
+        "'simple-imagenet' (7).",
     )
     e2e_epochs: int = Field(
         8, ge=1, le=1000, description="Epochs of the main end-to-end fine-tune (WiSE-FT's θ1)."
@@ -544,6 +557,18 @@ class FinetuneConfig(StrictModel):
     workers: int = Field(1, ge=0, le=64)
     seed: int = Field(0, ge=0)
     distributed: DistributedConfig = _distributed_field()
+
+    @field_validator("templates", mode="before")
+    @classmethod
+    def _named_template_set(cls, value: Any) -> Any:
+        if isinstance(value, str):  # function-local: open_clip (torch) only when named
+            from clipshift.data.imagenet import template_set
+
+            try:
+                return template_set(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("templates")
     @classmethod

@@ -8,7 +8,9 @@ or packed in one tar/tar.gz archive):
   (no image, undecodable or mislabelled bytes, absurd captions, bad metadata) are skipped and
   counted by reason in ``dataset.json`` ``extra``, because web-scale data always has some.
 - **ImageFolder trees** (``root/<class folder>/<image>``) for evaluation sets, optionally mapped
-  onto a subset of the task's classes with ``class_map`` (ImageNet-R/-A, ObjectNet style).
+  onto a subset of the task's classes with ``class_map`` (ImageNet-R/-A, ObjectNet style);
+  ``class_map: imagenet`` maps ImageNet's own layouts with no hand-written map
+  (:mod:`clipshift.data.imagenet`).
 
 Images are stored as the original bytes under their original extension: re-encoding would
 change the pixels the study measures. The output is written by :class:`ShardWriter`, so it
@@ -34,6 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clipshift.config import SourceConfig
+from clipshift.data import imagenet
 from clipshift.data.download import DownloadFailed
 from clipshift.data.shards import (
     IMAGE_EXTS,
@@ -385,7 +388,7 @@ class LabelMap:
     space: str
     source_classes: list[str] | None = None
     unmapped: list[str] = field(default_factory=list)
-    subset: list[str] | None = None
+    subset: list[str] | list[int] | None = None  # task class names or indices
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -401,7 +404,7 @@ class LabelMap:
 
 def _map_onto(src: SourceConfig, task: list[str] | None) -> tuple[list[str], dict[str, int]]:
     """Apply ``class_map`` (source name -> task class name); unknown targets are an error."""
-    class_map = src.class_map or {}
+    class_map = src.class_map if isinstance(src.class_map, dict) else {}
     targets = list(task) if task else sorted(set(class_map.values()))
     unknown = sorted({v for v in class_map.values() if v not in targets})
     if unknown:
@@ -419,6 +422,10 @@ def folder_label_map(src: SourceConfig, folders: list[str], task: list[str] | No
             "folders; give one name per folder, in sorted folder order, or leave classnames out"
         )
     names = list(src.classnames or folders)
+    if src.class_map == imagenet.IMAGENET:
+        classes, index, covered = imagenet.label_space(folders, task, src.name)
+        unmapped = [f for f in folders if f not in index]
+        return LabelMap(classes, index, "task", names, unmapped, covered)
     if src.class_map is not None:
         classes, index = _map_onto(src, task)
         unmapped = [f for f in folders if f not in index]
@@ -434,6 +441,9 @@ def wds_label_map(src: SourceConfig, task: list[str] | None) -> LabelMap:
     """``cls`` integers are named by ``classnames`` (or by their digits, for class_map keys);
     without either they are taken to index the task's classes already, as clipshift writes."""
     names = src.classnames
+    if src.class_map == imagenet.IMAGENET:  # cls holds ImageNet class indices
+        classes, index = imagenet.index_space(task, src.name)
+        return LabelMap(classes, index, "task")
     if src.class_map is not None:
         classes, index = _map_onto(src, task)
         subset = sorted({classes[i] for i in index.values()})

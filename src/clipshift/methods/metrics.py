@@ -1,4 +1,4 @@
-"""Scores of predictions: top-1 accuracy, the class-subset argmax, retrieval recall@k.
+"""Scores of predictions: top-1 accuracy, the class-subset argmax and top-k, retrieval recall@k.
 
 One implementation of each, used by every stage (an accuracy computed two ways is two numbers
 that can disagree).
@@ -30,15 +30,32 @@ def accuracy(
 
 def masked_argmax(scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Top-1 class per row, among the classes ``mask`` keeps (all of them without a mask)."""
+    return _masked(scores, mask).argmax(dim=1)
+
+
+def _masked(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``scores`` with the classes outside ``mask`` at -inf."""
     if mask is None:
-        return scores.argmax(dim=1)
+        return scores
     if mask.shape[0] != scores.shape[1]:
         raise DataError(
             f"a class-subset mask over {mask.shape[0]} classes does not fit a model with "
             f"{scores.shape[1]} classes; evaluate models of the task the dataset was mapped "
             "onto (fetch.sources class_map targets) or re-run fetch"
         )
-    return scores.masked_fill(~mask.to(scores.device), float("-inf")).argmax(dim=1)
+    return scores.masked_fill(~mask.to(scores.device), float("-inf"))
+
+
+def masked_topk_hits(
+    scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None, k: int = 5
+) -> torch.Tensor | None:
+    """Per row, whether the label is among the ``k`` best classes ``mask`` keeps; None when
+    fewer than ``k`` classes are kept (top-k would be trivially right, CLIP_benchmark's NaN)."""
+    kept = scores.shape[1] if mask is None else int(mask.sum())
+    if kept < k:
+        return None
+    top = _masked(scores, mask).topk(k, dim=1).indices
+    return (top == torch.as_tensor(labels, device=top.device)[:, None]).any(dim=1)
 
 
 def recall_at_k(

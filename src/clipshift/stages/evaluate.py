@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +36,11 @@ from clipshift.data.shards import load_info
 from clipshift.errors import DataError
 from clipshift.io_utils import write_json_atomic
 from clipshift.methods import bootstrap, robustness, testbed
+from clipshift.methods import clip_benchmark as cb
 from clipshift.methods.clip_eval import retrieval_recall
 from clipshift.methods.findings import compute_findings
 from clipshift.methods.knn import knn_predict, load_knn
-from clipshift.methods.metrics import masked_argmax
+from clipshift.methods.metrics import masked_argmax, masked_topk_hits
 from clipshift.models import load_pretrained
 from clipshift.progress import progress_bar
 from clipshift.registry import ModelEntry, find_pools, read_indices
@@ -49,6 +50,7 @@ ID_DATASET = "test"
 #: The per-class counts file in ``evaluate.out_dir`` (a DVC out: the bootstrap's input).
 PER_CLASS_FILE = "per_class.json"
 EVAL_ROLES = ("val", "test", "shift")
+RETRIEVAL_DATASET = "retrieval"
 
 
 def visual_fingerprint(visual: nn.Module) -> str:
@@ -69,31 +71,38 @@ class _Scorer:
     fingerprint: str
     tower_file: Path
     score: Callable[[torch.Tensor], torch.Tensor]
+    arch: str  # the tower's architecture name (CLIP_benchmark's "model")
+
+
+def _arch(meta: Mapping[str, Any], entry: ModelEntry) -> str:
+    return str(meta.get("model_name") or entry.kind)
 
 
 def _classifier_scorer(entry: ModelEntry) -> tuple[_Scorer, ImageClassifier]:
-    clf, _ = load_classifier(entry.path)
+    clf, meta = load_classifier(entry.path)
     head, prepare = clf.head, clf.prepare
 
     def score(feats: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return head(prepare(feats))
 
-    return _Scorer(entry, visual_fingerprint(clf.visual), Path(entry.path), score), clf
+    fingerprint = visual_fingerprint(clf.visual)
+    return _Scorer(entry, fingerprint, Path(entry.path), score, _arch(meta, entry)), clf
 
 
 def _knn_scorer(entry: ModelEntry) -> tuple[_Scorer, ImageClassifier]:
     state = load_knn(entry.path)
     meta = state["meta"]
     tower_file = Path(entry.path).parent / meta["visual_checkpoint"]
-    clf, _ = load_classifier(tower_file)
+    clf, tower_meta = load_classifier(tower_file)
     bank, labels = state["train_features"], state["train_labels"]
     k, temperature, classes = int(meta["k"]), float(meta["temperature"]), int(meta["num_classes"])
 
     def score(feats: torch.Tensor) -> torch.Tensor:
         return knn_predict(bank, labels, feats, k, classes, temperature)
 
-    return _Scorer(entry, visual_fingerprint(clf.visual), tower_file, score), clf
+    fingerprint = visual_fingerprint(clf.visual)
+    return _Scorer(entry, fingerprint, tower_file, score, _arch(tower_meta, entry)), clf
 
 
 def _scorer(entry: ModelEntry) -> tuple[_Scorer, ImageClassifier]:
@@ -109,6 +118,8 @@ def evaluate_models(
     stats: dict[str, int] | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
     predictions: dict[str, dict[str, torch.Tensor]] | None = None,
+    top5: dict[str, dict[str, float | None]] | None = None,
+    archs: dict[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{model_id: {dataset: top-1 accuracy}}`` for every entry on every dataset.
 
@@ -119,6 +130,8 @@ def evaluate_models(
     prediction to a class subset, as ImageNet-R/-A are scored over their 200 classes only.
     ``predictions`` (if given) receives every model's predicted class per example,
     ``{model_id: {dataset: tensor}}`` (the per-class counts of the bootstrap come from them).
+    ``top5`` (if given) receives top-5 accuracies (None under 5 scored classes) and
+    ``archs`` each model's tower architecture name, for the CLIP_benchmark result files.
 
     Under torchrun each rank scores its own run of whole batches of every dataset
     (:func:`clipshift.distributed.shard_range`) and the predictions are gathered, so every
@@ -141,13 +154,21 @@ def evaluate_models(
             # Heads are tiny: score on the CPU, where extract_features leaves the features.
             feats = extract_features(visual, images, batch_size, None, device)
             passes += 1
-            local = {s.entry.id: masked_argmax(s.score(feats), masks.get(name)) for s in scorers}
             labels = torch.as_tensor(data.labels)
+            mine_labels = labels[mine.start : mine.stop]
+            local = {
+                s.entry.id: _predict(s.score(feats), masks.get(name), mine_labels) for s in scorers
+            }
+            parts = D.all_gather_object(local)
             for s in scorers:
-                pred = torch.cat([part[s.entry.id] for part in D.all_gather_object(local)])
+                pred = torch.cat([part[s.entry.id][0] for part in parts])
                 results[s.entry.id][name] = float((pred == labels).float().mean())
                 if predictions is not None:
                     predictions.setdefault(s.entry.id, {})[name] = pred
+                if top5 is not None:
+                    top5.setdefault(s.entry.id, {})[name] = _top5(
+                        part[s.entry.id][1] for part in parts
+                    )
             if bar is not None:
                 bar.update(1)
         del visual
@@ -155,7 +176,25 @@ def evaluate_models(
         bar.close()
     if stats is not None:
         stats.update({"feature_passes": passes, "towers": len(groups)})
+    if archs is not None:
+        archs.update({s.entry.id: s.arch for scorers in groups.values() for s in scorers})
     return results
+
+
+def _predict(
+    scores: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(top-1 class, top-5 hit) per example, both among the classes ``mask`` keeps."""
+    return masked_argmax(scores, mask), masked_topk_hits(scores, labels, mask, k=5)
+
+
+def _top5(hits: Iterable[torch.Tensor | None]) -> float | None:
+    """Top-5 accuracy from every rank's hits (None: fewer than 5 classes scored)."""
+    parts = list(hits)
+    found = [h for h in parts if h is not None]
+    if len(found) < len(parts):
+        return None
+    return float(torch.cat(found).float().mean())
 
 
 def class_mask(info: Any) -> torch.Tensor | None:
@@ -164,16 +203,20 @@ def class_mask(info: Any) -> torch.Tensor | None:
     subset, classes = info.extra.get("class_subset"), info.classes
     if not subset or not classes:
         return None
-    keep = {classes[c] if isinstance(c, int) else c for c in subset}
-    unknown = sorted(keep - set(classes))
+    # by index where given: ImageNet has two classes named 'missile' (class_map: imagenet)
+    by_index = {c for c in subset if isinstance(c, int)}
+    by_name = {c for c in subset if not isinstance(c, int)}
+    outside = sorted(c for c in by_index if not 0 <= c < len(classes))
+    unknown = [*sorted(by_name - set(classes)), *outside]
     if unknown:
         raise DataError(
             f"dataset '{info.name}' declares class_subset entries {unknown[:5]} that are not "
             "among its classes; fix fetch.sources class_map and run fetch again"
         )
-    if keep == set(classes):
+    keep = by_index | {i for i, c in enumerate(classes) if c in by_name}
+    if len(keep) == len(classes):
         return None
-    return torch.tensor([c in keep for c in classes])
+    return torch.tensor([i in keep for i in range(len(classes))])
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,10 +313,13 @@ def write_table(
     return path
 
 
-def run_retrieval(cfg: EvaluateConfig, device: torch.device) -> dict[str, dict[str, float]]:
-    """Recall@k of every pretrained CLIP (``<models_dir>/pretrain/<pool>``) on ``retrieval``."""
+def run_retrieval(
+    cfg: EvaluateConfig, device: torch.device, archs: dict[str, str] | None = None
+) -> dict[str, dict[str, float]]:
+    """Recall@k of every pretrained CLIP (``<models_dir>/pretrain/<pool>``) on ``retrieval``;
+    ``archs`` (if given) receives each pool's architecture name."""
 
-    data = Path(cfg.data_dir) / "retrieval"
+    data = Path(cfg.data_dir) / RETRIEVAL_DATASET
     pretrain = Path(cfg.models_dir) / "pretrain"
     pools = find_pools(pretrain)
     if not (data / "dataset.json").exists() or not pools:
@@ -282,6 +328,8 @@ def run_retrieval(cfg: EvaluateConfig, device: torch.device) -> dict[str, dict[s
     out = {}
     for pool in pools:
         bundle = load_pretrained(pretrain / pool / "checkpoint.pt", device)
+        if archs is not None:
+            archs[pool] = bundle.name
         out[pool] = retrieval_recall(
             bundle.model,
             bundle.tokenizer,
@@ -365,15 +413,27 @@ def run_evaluate(
         raise DataError(f"no models indexed under {cfg.models_dir}/*/index.json; run finetune")
     stats: dict[str, int] = {}
     preds: dict[str, dict[str, torch.Tensor]] = {}
+    top5: dict[str, dict[str, float | None]] = {}
+    archs: dict[str, str] = {}
     acc = evaluate_models(
         entries, datasets, cfg.batch_size, dist.device, progress and dist.is_main, stats, masks,
-        preds,
+        preds, top5, archs,
     )  # fmt: skip
     summary = None
     if dist.is_main:
         counts = per_class_counts(preds, datasets)
         bootstrap.write_counts(Path(cfg.out_dir) / PER_CLASS_FILE, counts)
-        summary = _summarise(cfg, entries, acc, roles, id_name, datasets, dist.device, counts)
+        pool_archs: dict[str, str] = {}
+        summary = _summarise(
+            cfg, entries, acc, roles, id_name, datasets, dist.device, counts, pool_archs
+        )
+        # the datasets themselves: not the subset-class ID sets built for the testbed's x axis
+        real = {m: {d: a for d, a in by_set.items() if d in roles} for m, by_set in acc.items()}
+        results = cb.classification_results(
+            real, top5, counts, archs, {e.id: e.kind for e in entries}
+        )
+        results += cb.retrieval_results(summary["retrieval"], pool_archs, RETRIEVAL_DATASET)
+        cb.write_results(Path(cfg.out_dir) / cb.SUBDIR, results)
         summary["class_subsets"] = class_subsets
         summary["world_size"] = dist.world_size
         summary["evaluate_seconds"] = round(time.perf_counter() - t0, 2)
@@ -392,6 +452,7 @@ def _summarise(
     datasets: Mapping[str, Any],
     device: torch.device,
     counts: bootstrap.PerClassCounts,
+    pool_archs: dict[str, str] | None = None,
 ) -> dict:
 
     shifts = sorted(n for n, r in roles.items() if r == "shift")
@@ -423,7 +484,7 @@ def _summarise(
             "shifts": testbed.map_shifts(shifts, cfg.testbed_shifts),
         }
     summary["shift_groups"] = groups
-    summary["retrieval"] = run_retrieval(cfg, device)
+    summary["retrieval"] = run_retrieval(cfg, device, pool_archs)
     summary["id_dataset"], summary["shifts"] = id_name, shifts
     summary["num_examples"] = {name: len(d.labels) for name, d in datasets.items()}
     return summary
