@@ -54,12 +54,14 @@ def _summary(result: experiments.ExperimentRun) -> str:
     }
     rows = "\n".join(f"| `{k.removesuffix('.value')}` | {v:.3f} |" for k, v in findings.items())
     table = f"| finding | value |\n|---|---|\n{rows}" if rows else "(no findings file)"
+    url = tracking.run_url(result.mlflow_run_id)
     return (
         f"# DVC experiment `{result.name}`\n\n"
         f"Baseline commit `{result.baseline_rev[:7]}`, experiment commit `{result.rev[:7]}`.\n\n"
         f"Settings changed from params.yaml (`dvc exp run -S`):\n{settings}\n\n"
         f"Stages run: {', '.join(result.ran) or 'none'}; skipped (unchanged): "
         f"{', '.join(result.skipped) or 'none'}.\n\n{table}\n\n"
+        f"MLflow: [parent run {result.mlflow_run_id}]({url}).\n\n"
         f"In the checkout: `dvc exp show`, `dvc exp apply {result.name}`."
     )
 

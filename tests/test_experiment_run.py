@@ -216,6 +216,8 @@ def tiny_study_repo(dest: Path) -> tuple[Path, dict[str, str]]:
     for name in ("CLIPSHIFT_PIPELINE_RUN_ID", "CLIPSHIFT_WORKERS", "PREFECT_API_URL"):
         env.pop(name, None)
     _git(dest, "init", "-q")
+    # a symlink is not a folder to .gitignore's "/.cache/": keep it out of the commits
+    (dest / ".git" / "info" / "exclude").write_text("/.cache\n")
     _run(["dvc", "repro"], dest, env)
     _git(dest, "add", "-A")
     _git(dest, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny baseline")
@@ -251,6 +253,7 @@ def tiny_repo(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # its fixture runs the tiny study first
 def test_form_run_is_a_dvc_experiment(tiny_repo, prefect_harness, monkeypatch):
     from mlflow import MlflowClient
 
@@ -294,6 +297,7 @@ def test_form_run_is_a_dvc_experiment(tiny_repo, prefect_harness, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_two_experiments_side_by_side(tiny_repo, monkeypatch):
     """Two runs at once, each in its own clone: both finish and both are listed."""
     repo, env = tiny_repo

@@ -250,8 +250,9 @@ def temporary_clone(repo: Path, rev: str) -> Iterator[Path]:
         _run([_dvc(), "cache", "dir", "--local", str(cache_dir(repo))], clone)
         _git_identity(clone)
         # the rendered emoji art and downloads: a re-run fetch finds them as in the checkout
-        if (repo / ".cache").exists():
-            (clone / ".cache").symlink_to(repo / ".cache")
+        link = clone / ".cache"
+        if (repo / ".cache").exists() and not (link.exists() or link.is_symlink()):
+            link.symlink_to(repo / ".cache")
         yield clone
     finally:
         shutil.rmtree(parent, ignore_errors=True)
