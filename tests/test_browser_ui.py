@@ -1,7 +1,8 @@
 """The Prefect and MLflow UIs in a real browser, as the README's "Runs from the Prefect UI"
 tells a user to use them (slow: minutes).
 
-A checkout of the repository with the tiny params, its `dvc repro` baseline committed; in it,
+A checkout of the repository with the tiny params, its `dvc repro` baseline committed (a copy
+of the session's tiny study, conftest.tiny_study); in it,
 `bash infra/local/up.sh`, `. infra/local/endpoints.env` and `clipshift deploy`. Then headless
 Chromium (Debian's chromium + chromium-driver, selenium):
   1. the Prefect UI lists the project's deployments;
@@ -29,7 +30,7 @@ import pytest
 
 from tests.browser import page_text, screenshot, start_chromium, wait_for, wait_for_text
 from tests.conftest import BIN
-from tests.test_experiment_run import exp_show, tiny_study_repo
+from tests.study import exp_show, study_checkout
 from tests.test_platform import free_ports, read_env, recorded_pids, run_script
 
 # the first step builds the tiny study and starts the platform: minutes on 2 cores
@@ -52,10 +53,10 @@ def shots(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> Any:
+def lab(tiny_study, tmp_path_factory) -> Any:
     """The user's checkout (tiny params, baseline committed) with the platform up and the
     flows deployed, exactly as the README says."""
-    repo, _ = tiny_study_repo(tmp_path_factory.mktemp("checkout"))
+    repo, _ = study_checkout(tiny_study[0], tmp_path_factory.mktemp("checkout") / "repo")
     state = tmp_path_factory.mktemp("platform")
     s3_port, mlflow_port, prefect_port = free_ports(3)
     env = {

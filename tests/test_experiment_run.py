@@ -10,11 +10,8 @@ carries the experiment's name; two experiments started together both land.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
-import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,7 @@ import yaml
 from clipshift import experiments
 from clipshift.config import PipelineConfig
 from clipshift.errors import ConfigError
-from tests.conftest import REPO
+from tests.study import exp_show, git, run, study_checkout
 from tests.tiny import REPO_PARAMS, merged, tiny_params
 
 
@@ -145,19 +142,14 @@ def test_relative_sqlite_store_is_made_absolute(uri, want):
 # refused before anything starts
 
 
-def _git(repo: Path, *args: str) -> str:
-    proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True)
-    return proc.stdout
-
-
 @pytest.fixture
 def small_repo(tmp_path, mlflow_store):
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copyfile(REPO_PARAMS, repo / "params.yaml")
-    _git(repo, "init", "-q")
-    _git(repo, "add", "-A")
-    _git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "params")
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "params")
     return repo
 
 
@@ -183,8 +175,8 @@ def test_bad_value_starts_nothing(small_repo, mlflow_store, values, message):
 def test_bad_or_taken_name_starts_nothing(small_repo):
     with pytest.raises(ConfigError, match="experiment name"):
         experiments.run_experiment(_config({}), "no spaces/allowed", repo=small_repo)
-    head = _git(small_repo, "rev-parse", "HEAD").strip()
-    _git(small_repo, "update-ref", f"refs/exps/{head[:2]}/{head[2:]}/taken", head)
+    head = git(small_repo, "rev-parse", "HEAD").strip()
+    git(small_repo, "update-ref", f"refs/exps/{head[:2]}/{head[2:]}/taken", head)
     with pytest.raises(ConfigError, match="named 'taken' exists"):
         experiments.run_experiment(_config({}), "taken", repo=small_repo)
 
@@ -193,67 +185,14 @@ def test_bad_or_taken_name_starts_nothing(small_repo):
 # end to end on the tiny profile (slow)
 
 
-def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 1800) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout
-
-
-def tiny_study_repo(dest: Path) -> tuple[Path, dict[str, str]]:
-    """The repository's tracked files in a fresh git repo with the tiny params, `dvc repro`
-    run and committed: the baseline a UI run starts from."""
-    files = _git(REPO, "ls-files", "-co", "--exclude-standard").split()
-    for name in files:
-        src = REPO / name
-        if src.is_file() and not name.startswith(("metrics/", "plots/", "dvc.lock")):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    full = PipelineConfig.model_validate(tiny_params()).model_dump(by_alias=True, mode="json")
-    (dest / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
-    if (REPO / ".cache").exists():  # the rendered art (no npm install in the copy)
-        (dest / ".cache").symlink_to((REPO / ".cache").resolve())
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{dest / 'mlflow.db'}"}
-    for name in ("CLIPSHIFT_PIPELINE_RUN_ID", "CLIPSHIFT_WORKERS", "PREFECT_API_URL"):
-        env.pop(name, None)
-    _git(dest, "init", "-q")
-    # a symlink is not a folder to .gitignore's "/.cache/": keep it out of the commits
-    (dest / ".git" / "info" / "exclude").write_text("/.cache\n")
-    _run(["dvc", "repro"], dest, env)
-    _git(dest, "add", "-A")
-    _git(dest, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny baseline")
-    return dest, env
-
-
-def exp_show(repo: Path, env: dict) -> dict[str, dict[str, Any]]:
-    """name -> {"params": params.yaml's values, "metrics": {file: data}} of each experiment."""
-    shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env))
-    found: dict[str, dict[str, Any]] = {}
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("name") and isinstance(node.get("data"), dict):
-                data = node["data"]
-                found[node["name"]] = {
-                    "params": (data.get("params") or {}).get("params.yaml", {}).get("data", {}),
-                    "metrics": {k: v.get("data") for k, v in (data.get("metrics") or {}).items()},
-                }
-            for child in node.values():
-                walk(child)
-        elif isinstance(node, list):
-            for child in node:
-                walk(child)
-
-    walk(shown)
-    return found
-
-
 @pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory):
-    return tiny_study_repo(tmp_path_factory.mktemp("study"))
+def tiny_repo(tiny_study, tmp_path_factory):
+    """This module's own checkout of the session's tiny-study baseline."""
+    return study_checkout(tiny_study[0], tmp_path_factory.mktemp("study") / "repo")
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # its fixture runs the tiny study first
+@pytest.mark.timeout(2400)  # the session fixture may run the tiny study first
 def test_form_run_is_a_dvc_experiment(tiny_repo, prefect_harness, monkeypatch):
     from mlflow import MlflowClient
 
@@ -276,7 +215,7 @@ def test_form_run_is_a_dvc_experiment(tiny_repo, prefect_harness, monkeypatch):
     # the checkout is untouched: its dvc.lock, its params and nothing to reproduce
     assert (repo / "dvc.lock").read_text() == lock_before
     assert yaml.safe_load((repo / "params.yaml").read_text())["scaling"]["bootstrap"] == 20
-    assert "up to date" in _run(["dvc", "status"], repo, env)
+    assert "up to date" in run(["dvc", "status"], repo, env)
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     parent = client.get_run(result["mlflow_run_id"])
