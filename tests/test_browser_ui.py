@@ -253,16 +253,21 @@ def ui_run(run_form, browser, lab, shots) -> dict[str, Any]:
     """One changed value submitted from the form; the worker runs it to the end."""
     field = _field(browser, CHANGED_LABEL)
     _type(field, str(CHANGED_VALUE))
+    assert field.get_attribute("value") == str(CHANGED_VALUE)
     assert field.get_attribute("validationMessage") == ""
-    _submit(browser)
     deployment_id = run_form["deployment"]["id"]
-    before = {r["id"] for r in _flow_runs(lab["api"], deployment_id)}
+    before = {r["id"] for r in _flow_runs(lab["api"], deployment_id)}  # before it can start
+    _submit(browser)
 
     def new_runs() -> list[dict[str, Any]]:
         return [r for r in _flow_runs(lab["api"], deployment_id) if r["id"] not in before]
 
+    # the UI confirms it (a toast naming the run) and the API lists exactly one new run
+    toast = wait_for_text(browser, ["scheduled to start"], timeout_s=60)
+    screenshot(browser, shots, "3b-submitted")
     runs = wait_for(new_runs, 30, "the flow run the form started")
     assert len(runs) == 1
+    assert f"{runs[0]['name']} scheduled to start" in toast
     t0 = time.monotonic()
     run = _wait_for_run(lab["api"], runs[0]["id"])
     print(f"\nUI-triggered pipeline run: {time.monotonic() - t0:.0f} s")
