@@ -100,16 +100,25 @@ def page_text(driver: Any) -> str:
 def wait_for_text(driver: Any, texts: list[str], timeout_s: float = 60) -> str:
     """Wait until the page shows every one of ``texts``; returns the page's text."""
 
+    missing = list(texts)
+
     def shown() -> str | None:
         text = page_text(driver)
-        return text if all(t in text for t in texts) else None
+        missing[:] = [t for t in texts if t not in text]
+        return None if missing else text
 
-    return wait_for(shown, timeout_s, f"the page to show {texts}")
+    try:
+        return wait_for(shown, timeout_s, f"the page to show {texts}")
+    except AssertionError as err:
+        raise AssertionError(f"{err}; missing {missing} on {driver.current_url}") from None
 
 
 def screenshot(driver: Any, folder: Path, name: str) -> Path:
+    """``<name>.png`` of the window and ``<name>.txt`` of the page's text (what the step's
+    assertions read), in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
     driver.save_screenshot(str(path))
+    (folder / f"{name}.txt").write_text(f"{driver.current_url}\n\n{page_text(driver)}")
     assert path.stat().st_size > 5000, f"screenshot {path} is (nearly) empty"
     return path

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -332,22 +333,70 @@ def test_4_flow_run_page_links_to_mlflow(ui_run, browser, ui_base, lab, shots):
 
     # MLflow: the pipeline run, named after the experiment, with the changed parameter
     name = ui_run["name"]
-    text = wait_for_text(browser, [f"pipeline-{name}", "Parameters", "Metrics"], timeout_s=90)
-    assert "evaluate.bootstrap_seed" in text and "evaluate/bootstrap.seed" in text
-    lines = text.splitlines()
-    at = lines.index("evaluate.bootstrap_seed")
-    assert lines[at + 1] == str(CHANGED_VALUE)  # the parameter table's value cell
-    assert "dvc.exp_name" in text and f": {name}" in text
-    for stage in AFFECTED:  # its child runs: the stages that ran
-        assert stage in text
+    wanted = [f"pipeline-{name}", "Parameters (", "Metrics (", "Child runs", "dvc.stages_ran"]
+    text = wait_for_text(browser, [*wanted, "evaluate.bootstrap_seed"], timeout_s=90)
     screenshot(browser, shots, "4c-mlflow-run")
-    # its plots, in the run's artifacts: the folder in the UI, its content through the API
-    # (the tree's folders did not show after a click in headless Chromium; see the report)
-    browser.get(href.rstrip("/") + "/artifacts")
-    wait_for_text(browser, ["plots"], timeout_s=60)
-    screenshot(browser, shots, "4d-mlflow-artifacts")
+    lines = text.splitlines()
+    assert _cell(lines, "evaluate.bootstrap_seed") == str(CHANGED_VALUE)  # parameter table
+    # its metrics: the experiment's DVC metrics, evaluate's showing the seed it ran with
+    count = re.search(r"Metrics \((\d+)\)", text)
+    assert count and int(count.group(1)) > 100, count
+    assert _cell(lines, "evaluate/bootstrap.seed") == str(CHANGED_VALUE)
+    assert any(line.startswith("findings/findings.") for line in lines)
+    # its tags and child runs: the experiment's name, the stages that ran (and only those)
+    assert _cell(lines, "dvc.exp_name") == f": {name}"
+    assert _cell(lines, "dvc.stages_ran") == ": " + ",".join(AFFECTED)
+    children = lines[lines.index("Child runs") + 1 : lines.index("Source")]
+    assert sorted(c.strip(", ") for c in children) == sorted(AFFECTED)
+
+    # its plots: a figure of each plotting stage, opened in the run's artifact tree
     from mlflow import MlflowClient
 
     run_id = href.rstrip("/").rsplit("/", 1)[-1]
-    listed = MlflowClient(tracking_uri=lab["mlflow"]).list_artifacts(run_id, "plots")
-    assert {"plots/evaluate", "plots/scaling"} <= {a.path for a in listed}
+    client = MlflowClient(tracking_uri=lab["mlflow"])
+    for stage, step in (("evaluate", "4d"), ("scaling", "4e")):
+        figure = _first_png(client, run_id, f"plots/{stage}")
+        assert figure, f"no figure under plots/{stage} of MLflow run {run_id}"
+        size = _png_size(Path(client.download_artifacts(run_id, figure, str(shots))))
+        browser.get("about:blank")  # a fresh load: a change of the hash alone keeps the tree
+        browser.get(f"{href.rstrip('/')}/artifacts/{figure}")
+        # the tree open down to the figure, its path as the preview's title, and the image
+        wait_for_text(browser, ["plots", "evaluate", "scaling", figure], timeout_s=60)
+
+        def previewed(size: tuple[int, int] = size) -> bool:
+            return size in _loaded_images(browser)
+
+        wait_for(previewed, 60, f"the preview of {figure} {size}")
+        screenshot(browser, shots, f"{step}-mlflow-plot-{stage}")
+
+
+def _cell(lines: list[str], key: str) -> str:
+    """The value MLflow's run page shows next to ``key`` (a table row is key, then value)."""
+    return lines[lines.index(key) + 1]
+
+
+def _first_png(client: Any, run_id: str, folder: str) -> str:
+    """The first figure under ``folder`` of the run's artifacts (depth-first)."""
+    for item in client.list_artifacts(run_id, folder):
+        if item.is_dir:
+            if found := _first_png(client, run_id, item.path):
+                return found
+        elif item.path.endswith(".png"):
+            return str(item.path)
+    return ""
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's header."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def _loaded_images(browser: Any) -> set[tuple[int, int]]:
+    """Pixel sizes of the images the page has finished loading."""
+    sizes = browser.execute_script(
+        "return [...document.images].filter(i => i.complete && i.naturalWidth > 0)"
+        ".map(i => [i.naturalWidth, i.naturalHeight]);"
+    )
+    return {(int(w), int(h)) for w, h in sizes}
