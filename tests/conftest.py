@@ -49,3 +49,12 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("CLIPSHIFT_PIPELINE_RUN_ID", raising=False)
     return uri
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """The tiny study's baseline repo (`dvc repro` run and committed), built once per session
+    (minutes); modules take their own checkout of it with tests.study.study_checkout."""
+    from tests.study import tiny_study_repo
+
+    return tiny_study_repo(tmp_path_factory.mktemp("tiny-study"))

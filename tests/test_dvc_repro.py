@@ -1,4 +1,6 @@
-"""`dvc repro` in a temporary copy of the repository, on tiny params (slow: minutes)."""
+"""`dvc repro` in a temporary copy of the repository, on tiny params (slow: minutes). The
+whole-study run is the session's tiny study (conftest.tiny_study), shared with the tests that
+start from its baseline."""
 
 from __future__ import annotations
 
@@ -99,11 +101,11 @@ def _values_of(obj, key: str) -> list:
     return []
 
 
-@pytest.mark.timeout(1800)  # the whole tiny study: minutes, more on a busy machine
-def test_whole_study_end_to_end(repo_copy):
-    dest, env = repo_copy
-    env = {k: v for k, v in env.items() if k != "CLIPSHIFT_WORKERS"}  # runs side by side
-    _run(["dvc", "repro"], dest, env, timeout=1800)
+@pytest.mark.timeout(2400)  # the session fixture may run the tiny study first
+def test_whole_study_end_to_end(tiny_study):
+    """The session's tiny study: a whole `dvc repro` of a fresh copy with the study's own
+    defaults (stages side by side in workers), run once for every test that needs it."""
+    dest, env = tiny_study
     pools = PipelineConfig.model_validate(tiny_params()).pretrain.pools
     for pool in pools:  # trained in workers, published by the flow
         assert json.loads((dest / f"metrics/pretrain/{pool}.json").read_text())["pool"] == pool
