@@ -56,17 +56,23 @@ def _link_art_cache(repo: Path) -> None:
     (repo / ".git" / "info" / "exclude").write_text("/.cache\n")
 
 
-def tiny_study_repo(dest: Path) -> tuple[Path, dict[str, str]]:
-    """The repository's tracked files in a fresh git repo with the tiny params, `dvc repro`
-    run and committed: the baseline a UI run starts from."""
-    files = git(REPO, "ls-files", "-co", "--exclude-standard").split()
-    for name in files:
+def copy_with_tiny_params(dest: Path) -> None:
+    """The repository's tracked and untracked-not-ignored files in ``dest``, without the
+    study's committed outputs, and a params.yaml holding every knob at its tiny value (dvc.yaml's
+    matrix reads pretrain.pools from it)."""
+    for name in git(REPO, "ls-files", "-co", "--exclude-standard").split():
         src = REPO / name
         if src.is_file() and not name.startswith(("metrics/", "plots/", "dvc.lock")):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     full = PipelineConfig.model_validate(tiny_params()).model_dump(by_alias=True, mode="json")
     (dest / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+
+
+def tiny_study_repo(dest: Path) -> tuple[Path, dict[str, str]]:
+    """The repository's tracked files in a fresh git repo with the tiny params, `dvc repro`
+    run and committed: the baseline a UI run starts from."""
+    copy_with_tiny_params(dest)
     git(dest, "init", "-q")
     _link_art_cache(dest)
     env = study_env(dest)

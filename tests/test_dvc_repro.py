@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from clipshift.config import PipelineConfig
 from tests.conftest import REPO
+from tests.study import copy_with_tiny_params
 from tests.test_logged_models import assert_every_checkpoint_is_a_model
 from tests.tiny import tiny_params
 
@@ -32,21 +31,7 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 1200) -> subproces
 def repo_copy(tmp_path_factory) -> tuple[Path, dict]:
     """The tracked files of the repository, committed in a fresh git repo, with tiny params."""
     dest = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for name in files:
-        src = REPO / name
-        if src.is_file() and not name.startswith(("metrics/", "plots/", "dvc.lock")):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    # params.yaml holds every knob (dvc.yaml's matrix reads pretrain.pools from it)
-    full = PipelineConfig.model_validate(tiny_params()).model_dump(by_alias=True, mode="json")
-    (dest / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    copy_with_tiny_params(dest)
     # share the art cache so the copy does not reinstall npm packages
     if (REPO / ".cache").exists() and not (dest / ".cache").exists():
         (dest / ".cache").symlink_to(REPO / ".cache")
