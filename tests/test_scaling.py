@@ -16,12 +16,15 @@ from clipshift.methods.scaling_laws import (
     fit_frontier_table,
     fit_power_law,
     fit_scaling_table,
+    frontier_r2,
     holdout_error,
     pareto_frontier,
     predict,
     prediction_band,
     r2_bootstrap_ci,
+    replicate_frontier_r2,
 )
+from clipshift.stages.scaling import zeroshot_r2_class_ci
 
 X = np.geomspace(1e9, 1e13, 8)
 
@@ -265,3 +268,45 @@ def test_frontier_table_names_runs_and_groups():
     assert fit["frontier_runs"] == [f"r{i}" for i in range(4, 10)]
     assert fit["n"] == 6 and fit["n_runs"] == 10 and fit["pool"] == "diverse"
     assert fit["exponent"] == pytest.approx(-0.1, abs=1e-9)
+
+
+def _runs_with_class_counts(seed: int = 0, classes: int = 100, per_class: int = 10) -> list:
+    """Five runs whose error follows 2·C^-0.1 in expectation, scored on a balanced test set."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, flops in enumerate(np.geomspace(1e10, 1e13, 5)):
+        p_correct = 1.0 - 2.0 * flops**-0.1
+        correct = rng.binomial(per_class, p_correct, size=classes)
+        rows.append({
+            "run": f"r{i}", "pool": "diverse", "flops": float(flops),
+            "zeroshot_accuracy": correct.sum() / (classes * per_class),
+            "zeroshot_per_class": {"correct": correct.tolist(), "total": [per_class] * classes},
+        })  # fmt: skip
+    return rows
+
+
+def test_frontier_r2_refits_the_frontier_of_each_replicate():
+    x, y = _mixed()
+    assert frontier_r2(x, y) == pytest.approx(1.0, abs=1e-12)  # off-size runs are ignored
+    assert np.isnan(frontier_r2([1.0, 2.0, 3.0], [0.1, 0.2, 0.3]))  # one frontier run
+    noisy = y * np.exp(np.random.default_rng(0).normal(0, 0.05, y.size))
+    per_rep = replicate_frontier_r2(x, np.stack([y, noisy]))
+    assert per_rep[0] == pytest.approx(1.0, abs=1e-12) and per_rep[1] < 1.0
+    assert per_rep[1] == pytest.approx(fit_frontier(x, noisy, bootstrap=0)["r2"])
+
+
+def test_class_bootstrap_ci_of_the_frontier_r2():
+    rows = _runs_with_class_counts()
+    point = fit_frontier(
+        [r["flops"] for r in rows], [1 - r["zeroshot_accuracy"] for r in rows], bootstrap=0
+    )["r2"]
+    lo, hi = zeroshot_r2_class_ci(rows, 500, 0)
+    assert lo < point <= hi <= 1.0 and hi - lo < 0.5
+    assert zeroshot_r2_class_ci(rows, 500, 0) == [lo, hi]  # seeded
+    assert zeroshot_r2_class_ci(rows, 0, 0) is None
+    older = [dict(r) for r in rows]
+    del older[2]["zeroshot_per_class"]  # an evaluation from before the counts were stored
+    assert zeroshot_r2_class_ci(older, 500, 0) is None
+    # a test set 10× larger per class measures every run more precisely: a tighter interval
+    lo_big, hi_big = zeroshot_r2_class_ci(_runs_with_class_counts(per_class=100), 500, 0)
+    assert hi_big - lo_big < hi - lo

@@ -22,6 +22,7 @@ from clipshift.methods.scaling_laws import pareto_frontier
 from clipshift.models import resolve_model_config
 from clipshift.stages.pretrain import run_pretrain
 from clipshift.stages.scaling import (
+    EVAL_FILE,
     TASKS,
     family_config,
     grid_inputs,
@@ -127,6 +128,10 @@ def study(tmp_path_factory):
     return root, cfg, pretrain, result, tracker
 
 
+def _point(row: dict) -> ScalingRun:
+    return ScalingRun(width=row["width"], layers=row["layers"], samples=row["samples_requested"])
+
+
 def test_metrics_contract(study):
     root, cfg, _, result, _ = study
     metrics = json.loads(Path(cfg.metrics_path).read_text())
@@ -145,6 +150,11 @@ def test_metrics_contract(study):
         shift = run["zeroshot_shift_accuracy"]["shift-a"]
         assert shift * 20 == pytest.approx(round(shift * 20), abs=1e-4)
         assert run["retrieval_recall_1"] <= run["retrieval_recall_5"]
+        assert "zeroshot_per_class" not in run  # the bootstrap's input stays in eval.json
+        stored = json.loads((run_dir(cfg, run["pool"], _point(run)) / EVAL_FILE).read_text())
+        per_class = stored["metrics"]["zeroshot_per_class"]
+        assert sum(per_class["total"]) == 22
+        assert sum(per_class["correct"]) == pytest.approx(run["zeroshot_accuracy"] * 22)
     assert result["fits"] == metrics["fits"]
     assert [row["task"] for row in result["comparison"]] == list(TASKS)
 
@@ -167,7 +177,12 @@ def test_frontier_flags_and_findings(study):
         assert finding["value"] == fit["r2"]
         assert finding["holdout_rel_error"] == fit["holdout_rel_error"]
         assert finding["frontier_runs"] == fit["frontier_runs"]
-        assert finding["ci95"] is None and "frontier points" in finding["ci95_note"]  # < 5
+        # the class bootstrap gives an interval at any frontier size; over points, needs 5
+        assert finding["ci95"] == fit["r2_class_ci95"] and finding["ci95"] is not None
+        lo, hi = finding["ci95"]
+        assert lo <= hi <= 1.0
+        assert finding["r2_ci95_over_points"] is None
+        assert "frontier points" in finding["r2_ci95_over_points_note"]
 
 
 def test_effective_robustness_uses_evaluates_line(study):

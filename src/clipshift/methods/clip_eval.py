@@ -23,6 +23,7 @@ from clipshift.classifier import (
 )
 from clipshift.data.loaders import LabelledData
 from clipshift.errors import DataError
+from clipshift.methods import bootstrap
 from clipshift.methods.linear_probe import train_linear_probe
 from clipshift.methods.metrics import recall_at_k, top1
 from clipshift.methods.zeroshot import zeroshot_classifier
@@ -111,7 +112,8 @@ def evaluate_clip(
     device: torch.device | None = None,
 ) -> dict[str, float]:
     """Zero-shot top-1, linear-probe top-1 (train → test) and retrieval recalls of a CLIP;
-    with shift sets, ``zeroshot_shift_accuracy`` ``{shift: zero-shot top-1}`` too."""
+    ``zeroshot_per_class`` ``{"correct", "total"}`` (per-class test counts, what a class-level
+    bootstrap resamples); with shift sets, ``zeroshot_shift_accuracy`` ``{shift: top-1}`` too."""
     device = device or module_device(bundle.model)
     zs = zeroshot_classifier(bundle, data.classes, protocol.templates)
     # One feature pass per split serves both the zero-shot head and the probe.
@@ -132,6 +134,7 @@ def evaluate_clip(
         probe_logits = head(F.normalize(f_test.float(), dim=-1))
     out: dict = {
         "zeroshot_accuracy": top1(zs_logits, data.test.labels),
+        "zeroshot_per_class": _per_class(zs_logits, data.test.labels, len(data.classes)),
         "linear_probe_accuracy": top1(probe_logits, data.test.labels),
         **mean_retrieval_recalls(bundle, data, device),
     }
@@ -140,6 +143,13 @@ def evaluate_clip(
             name: _zeroshot_top1(zs, shift, device) for name, shift in sorted(data.shifts.items())
         }
     return out
+
+
+def _per_class(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    preds = {"model": {"test": logits.argmax(dim=-1).cpu().numpy()}}
+    truth = {"test": torch.as_tensor(labels).cpu().numpy()}
+    counts = bootstrap.from_predictions(preds, truth, num_classes)
+    return {"correct": counts.correct[0, 0].tolist(), "total": counts.total[0].tolist()}
 
 
 def _zeroshot_top1(zs: ImageClassifier, data: LabelledData, device: torch.device) -> float:

@@ -328,6 +328,28 @@ def r2_bootstrap_ci(
     return _percentile_ci(np.array(values))
 
 
+def frontier_r2(x: ArrayLike, y: ArrayLike, irreducible: bool = False) -> float:
+    """R² (log-E space) of the power law refitted to the Pareto frontier of (x, y); NaN when
+    the frontier has too few distinct x values to fit or is flat."""
+    xs, ys = _as_positive(x, "x"), _as_positive(y, "y")
+    front = pareto_frontier(xs, ys)
+    lx, ly = np.log(xs[front]), np.log(ys[front])
+    ss_tot = float(((ly - ly.mean()) ** 2).sum())
+    if np.unique(lx).size < _min_distinct(irreducible) or ss_tot <= 0:
+        return float("nan")
+    resid = ly - _log_model(_fit_params(lx, ly, irreducible), lx)
+    return 1.0 - float(resid @ resid) / ss_tot
+
+
+def replicate_frontier_r2(
+    x: ArrayLike, y_replicates: ArrayLike, irreducible: bool = False
+) -> np.ndarray:
+    """:func:`frontier_r2` of each row of ``y_replicates`` ``(B, n)`` against the shared x: the
+    frontier is re-drawn per replicate, since which runs are on it is part of what varies."""
+    ys = np.asarray(y_replicates, dtype=float)
+    return np.array([frontier_r2(x, row, irreducible) for row in ys])
+
+
 def fit_frontier(
     x: ArrayLike, y: ArrayLike, irreducible: bool = False, bootstrap: int = 1000, seed: int = 0
 ) -> dict[str, Any]:

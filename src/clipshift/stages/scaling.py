@@ -19,10 +19,13 @@ override them), and is evaluated on
   tested on ``test`` (the finetune stage's linear-probe settings).
 
 Error = 1 − accuracy is fitted as E = A·C^exponent (+ E_inf) on the compute-Pareto frontier
-(Cherti et al. 2023), per pool and task (``fits``); fits on every run against FLOPs, samples
-and non-embedding parameters are kept as the secondary view (``fits_all_runs``). FLOPs and
-parameters are analytic counts (:mod:`clipshift.flops`); ``params_non_embedding`` leaves out
-the text token-embedding table.
+(Cherti et al. 2023), per pool and task (``fits``). The zero-shot fit's R² carries a
+class-level bootstrap interval (``r2_class_ci95``): each replicate redraws the task's classes,
+recomputes every run's test error from its per-class counts, re-finds the frontier and refits,
+as every accuracy of the study is bootstrapped (:mod:`clipshift.methods.bootstrap`). Fits on
+every run against FLOPs, samples and non-embedding parameters are kept as the secondary view
+(``fits_all_runs``). FLOPs and parameters are analytic counts (:mod:`clipshift.flops`);
+``params_non_embedding`` leaves out the text token-embedding table.
 
 A pool-size ablation (Fang et al.'s control (b), ``pool_size``) trains one family model on
 nested subsets of each pool for the same number of samples seen.
@@ -67,6 +70,7 @@ from clipshift.data.manifest import task_classes
 from clipshift.data.shards import load_info
 from clipshift.errors import ConfigError, DataError
 from clipshift.io_utils import read_json, write_json_atomic
+from clipshift.methods import bootstrap
 from clipshift.methods.clip_eval import ClipEvalData, EvalProtocol, evaluate_clip
 from clipshift.methods.robustness import BaselineFit, effective_robustness
 from clipshift.methods.scaling_laws import (
@@ -74,6 +78,7 @@ from clipshift.methods.scaling_laws import (
     fit_frontier_table,
     fit_scaling_table,
     predict,
+    replicate_frontier_r2,
 )
 from clipshift.models import load_pretrained, resolve_model_config
 from clipshift.parallel import Run, run_side_by_side, worker_count
@@ -116,7 +121,10 @@ RETRIEVAL_DATASET = "retrieval"
 #: Bump when the evaluation protocol changes, so stored eval.json files are recomputed.
 #: 2: eval.json holds no timing (models/scaling is a DVC output); eval_seconds is in the row.
 #: 3: zero-shot accuracy on every shift set.
-EVAL_VERSION = 3
+#: 4: per-class zero-shot counts on test (``zeroshot_per_class``), for the class bootstrap.
+EVAL_VERSION = 4
+#: The per-class counts in a run's row: the bootstrap's input, kept out of the metrics files.
+PER_CLASS_KEY = "zeroshot_per_class"
 # --------------------------------------------------------------------------------------------
 # the main model's family, names and paths
 
@@ -644,13 +652,48 @@ def fit_runs(cfg: ScalingConfig, rows: Sequence[Mapping[str, Any]]) -> dict[str,
         if fit["task"] == "zeroshot"
         for run in fit["frontier_runs"]
     }
-    wide = [{**r, "on_frontier": (r["pool"], r["run"]) in on_front} for r in rows]
+    for fit in frontier.values():
+        if fit["task"] == "zeroshot":
+            pool_rows = [r for r in rows if r["pool"] == fit["pool"]]
+            fit["r2_class_ci95"] = zeroshot_r2_class_ci(pool_rows, cfg.bootstrap, cfg.seed)
+    wide = [{**without_counts(r), "on_frontier": (r["pool"], r["run"]) in on_front} for r in rows]
     return {"fits": frontier, "fits_all_runs": everything, "runs": wide}
 
 
+def without_counts(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The row as the metrics files hold it: no per-class counts."""
+    return {k: v for k, v in row.items() if k != PER_CLASS_KEY}
+
+
+def zeroshot_r2_class_ci(
+    rows: Sequence[Mapping[str, Any]], replicates: int, seed: int
+) -> list[float] | None:
+    """95 % class-bootstrap interval of one pool's zero-shot frontier R² (error vs FLOPs).
+
+    None when a run lacks per-class counts (an evaluation older than :data:`EVAL_VERSION` 4)
+    or ``replicates`` is 0. Every run is resampled with the same class draw (paired), so the
+    frontier and the fit see one consistent alternative test set per replicate.
+    """
+    if replicates <= 0 or not rows or any(PER_CLASS_KEY not in r for r in rows):
+        return None
+    counts = bootstrap.PerClassCounts(
+        models=[str(r["run"]) for r in rows],
+        datasets=[ID_DATASET],
+        correct=np.array([[r[PER_CLASS_KEY]["correct"]] for r in rows], dtype=np.int64),
+        total=np.array([rows[0][PER_CLASS_KEY]["total"]], dtype=np.int64),
+    )
+    weights = bootstrap.class_weights(counts.num_classes, replicates, seed)
+    errors = 1.0 - bootstrap.resampled_accuracy(counts, weights)[:, :, 0]  # (B, runs)
+    flops = np.array([float(r[FRONTIER_X]) for r in rows])
+    r2 = replicate_frontier_r2(flops, np.clip(errors, 1e-6, None))
+    r2 = r2[np.isfinite(r2)]
+    return bootstrap.ci95(r2) if r2.size >= 10 else None
+
+
 def findings(fits: Mapping[str, Any], pools: Sequence[str]) -> dict[str, Any]:
-    """``scaling_power_law_<pool>``: the zero-shot frontier fit's R² (with a bootstrap CI over
-    frontier points), its hold-out error and the frontier runs. The report stage judges it."""
+    """``scaling_power_law_<pool>``: the zero-shot frontier fit's R² with its class-bootstrap
+    CI (the CI over frontier points beside it, when there are enough points), its hold-out
+    error and the frontier runs. The report stage judges it."""
     out: dict[str, Any] = {}
     for pool in pools:
         fit = fits.get(f"zeroshot/{pool}/vs_{FRONTIER_X}")
@@ -663,15 +706,18 @@ def findings(fits: Mapping[str, Any], pools: Sequence[str]) -> dict[str, Any]:
                 f"C^{fit['exponent']:.3f}, {fit['n']} of {fit['n_runs']} runs on the frontier)."
             ),
             "value": fit["r2"],
-            "ci95": fit["r2_ci95"],
+            "ci95": fit.get("r2_class_ci95"),
+            "ci95_method": "class bootstrap: resample classes, recompute every run's error, "
+            "re-find the frontier, refit",
+            "r2_ci95_over_points": fit["r2_ci95"],
             "holdout_rel_error": fit["holdout_rel_error"],
             "exponent": fit["exponent"],
             "exponent_ci95": (fit.get("ci95") or {}).get("exponent"),
             "frontier_runs": list(fit["frontier_runs"]),
         }
         if fit["r2_ci95"] is None:
-            entry["ci95_note"] = (
-                f"no CI: {fit['n']} frontier points, a bootstrap needs at least "
+            entry["r2_ci95_over_points_note"] = (
+                f"{fit['n']} frontier points: a bootstrap over points needs at least "
                 f"{MIN_CI_POINTS} to resample more than a handful of distinct sets"
             )
         out[f"scaling_power_law_{pool}"] = entry
@@ -910,7 +956,7 @@ def summarize(
     """
     tracker = tracker or NullTracker()
     metrics = fit_runs(cfg, rows)
-    metrics["pool_size"] = [dict(r) for r in pool_size]
+    metrics["pool_size"] = [without_counts(r) for r in pool_size]
     metrics["findings"] = findings(metrics["fits"], cfg.pools)
     csv_path = write_runs_csv(Path(cfg.plots_dir) / "runs.csv", metrics["runs"])
     files = [csv_path]
