@@ -143,7 +143,7 @@ def test_findings_table_has_value_interval_criterion_and_verdict(page):
     assert doc.row("scaling_power_law_diverse")[2] == "none: no CI: 4 frontier points"
     # a targeted finding no stage wrote is listed as such, not left out
     missing = doc.row("baselines_on_line")
-    assert missing[1] == "—" and missing[4] == "not computed"
+    assert missing[1:3] == ["—", "—"] and missing[4] == "not computed"
     # rows follow the targets table's order
     ids = [r[0].split()[0] for r in doc.rows[1:] if r and r[0].split()[0] in rp.TARGETS]
     assert ids == [k for k in rp.TARGETS if k in ids]
@@ -340,3 +340,69 @@ def test_report_reads_where_the_stages_draw(tmp_path, key, folder, expected):
     msg = load_error(tmp_path, {"report": {key: "elsewhere/x"}})
     assert f"report.{key} = 'elsewhere/x' but {folder} puts it at '{expected}'" in msg
     assert f"set report.{key} to '{expected}'" in msg
+
+
+# --------------------------------------------------------------------------------------------
+# the page in a real browser (slow: starts headless Chromium, installs it when missing)
+
+BROKEN_IMAGES = (
+    "return [...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt)"
+)
+
+
+def page_problems(driver, url: str, shots: Path, name: str) -> dict[str, object]:
+    """Load ``url`` and say what a reader would see wrong: how flat the screenshot is (grey
+    level's standard deviation; a blank page is 0), the images that did not load, and the
+    console's SEVERE entries."""
+    from PIL import ImageStat
+
+    from tests.browser import screenshot, wait_for
+
+    driver.get(url)
+    wait_for(lambda: driver.execute_script("return document.readyState") == "complete", 30,
+             f"{name} to load")  # fmt: skip
+    shot = screenshot(driver, shots, name)
+    with Image.open(shot) as image:
+        stddev = ImageStat.Stat(image.convert("L")).stddev[0]
+    return {
+        "stddev": stddev,
+        "images": driver.execute_script("return document.images.length"),
+        "broken": driver.execute_script(BROKEN_IMAGES),
+        "severe": [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # installing chromium with apt-get, when missing, takes minutes
+def test_the_page_renders_in_headless_chromium(tmp_path):
+    """Not blank, every image loaded, no console error; and the same checks catch a blank
+    page, a broken image and a console error on control pages."""
+    from tests.browser import start_chromium
+
+    cfg = study_inputs(tmp_path)
+    page = rp.write_study(cfg, rp.run_report(cfg), sample_lineage())
+    html = page.read_text()
+    first_image = re.search(r'src="(data:image/png;base64,[^"]+)"', html)[1]
+    broken = tmp_path / "broken.html"
+    broken.write_text(
+        html.replace(first_image, "data:image/png;base64,iVBORw0KGgoAAAAN", 1).replace(
+            "</body>", "<script>console.error('control error')</script></body>"
+        )
+    )
+    blank = tmp_path / "blank.html"
+    blank.write_text('<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head></html>')
+    shots = tmp_path / "shots"
+    driver = start_chromium()
+    try:
+        seen = page_problems(driver, page.as_uri(), shots, "study")
+        controls = {
+            "broken": page_problems(driver, broken.as_uri(), shots, "broken"),
+            "blank": page_problems(driver, blank.as_uri(), shots, "blank"),
+        }
+    finally:
+        driver.quit()
+    assert seen["stddev"] > 10, f"the page looks blank: {seen} ({shots / 'study.png'})"
+    assert seen["images"] == 4 and seen["broken"] == [] and seen["severe"] == [], seen
+    assert controls["blank"]["stddev"] < 1
+    assert len(controls["broken"]["broken"]) == 1, controls["broken"]
+    assert any("control error" in m for m in controls["broken"]["severe"]), controls

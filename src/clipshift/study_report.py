@@ -211,6 +211,8 @@ def _verdict(row: FindingRow) -> str:
 
 
 def _interval(row: FindingRow) -> str:
+    if row.value is None:
+        return "<td>—</td>"
     if row.ci95 is None:
         return f'<td class="note">none: {_e(row.ci_note)}</td>'
     lo, hi = row.ci95
