@@ -183,6 +183,7 @@ td.finding { width: 45%; }
 td.note { font-size: 0.9em; color: #555; }
 td.ci { white-space: nowrap; font-variant-numeric: tabular-nums; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.absent { color: #555; font-style: italic; }
 .yes { color: #1a6b2a; font-weight: bold; }
 .no { color: #a61b1b; font-weight: bold; }
 .figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(480px, 1fr));
@@ -236,7 +237,7 @@ def section_html(section: Section) -> str:
     parts = [f'<h2 id="{_e(section.anchor)}">{_e(section.title)}</h2>']
     parts.append(f'<p class="note">{_e(section.intro)}</p>')
     if not section.figures:
-        return "".join([*parts, f'<p class="no">{_e(section.absent)}</p>'])
+        return "".join([*parts, f'<p class="absent">{_e(section.absent)}</p>'])
     figures = [
         f'<figure><img src="{data_uri(f.path)}" alt="{_e(f.caption)}">'
         f"<figcaption>{_e(f.caption)} <code>{_e(f.path)}</code></figcaption></figure>"
@@ -291,6 +292,9 @@ def runs_html(lineage: Lineage) -> str:
             else ""
         )
         + f". Tracking store: <code>{_e(lineage.tracking_uri)}</code>.{local}</p>"
+        + '<p class="note">The stages run under this pipeline run. A stage DVC did not re-run '
+        "(its inputs unchanged) is not listed: the hashes below identify its outputs, and each "
+        "stage run that read them carries them as <code>dvc.dep.&lt;path&gt;</code> tags.</p>"
         + f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
 
