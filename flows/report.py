@@ -49,7 +49,7 @@ def report_flow(config: ReportConfig = ReportConfig()) -> dict:
         if lineage.parent is not None:  # where a reader of the pipeline run finds it
             tracker.client.log_artifact(lineage.parent.run_id, str(html), "reports")
             tracker.client.set_tag(
-                lineage.parent.run_id, "clipshift.study_report", "reports/study.html"
+                lineage.parent.run_id, "clipshift.study_report", f"reports/{html.name}"
             )
         print(f"study report: {html}")
         return report

@@ -205,6 +205,13 @@ def test_a_local_store_gets_no_links_but_the_command_to_open_it(tmp_path):
     assert "clean (the tracked files are as committed)" in html
 
 
+def test_without_a_commit_the_page_says_so_and_judges_no_tree(tmp_path):
+    html = render([], study_sections(tmp_path, tmp_path, tmp_path / "x.png"),
+                  sample_lineage(commit="unknown", dirty=False, changes=[]))  # fmt: skip
+    assert "Commit unknown (not a git checkout, or nothing committed yet)" in html
+    assert "clean" not in html
+
+
 def test_absent_figures_are_reported_not_skipped(tmp_path):
     sections = study_sections(tmp_path / "none", tmp_path / "none", tmp_path / "none.png")
     html = render([], sections, sample_lineage(parent=None, runs=[], outputs={}))

@@ -188,6 +188,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 .no { color: #a61b1b; font-weight: bold; }
 .figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(480px, 1fr));
            gap: 1.5em; }
+.figures.one { grid-template-columns: 1fr; }
 figure { margin: 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
@@ -243,7 +244,8 @@ def section_html(section: Section) -> str:
         f"<figcaption>{_e(f.caption)} <code>{_e(f.path)}</code></figcaption></figure>"
         for f in section.figures
     ]
-    return "".join([*parts, '<div class="figures">', *figures, "</div>"])
+    grid = "figures one" if len(figures) == 1 else "figures"  # a lone figure: full width
+    return "".join([*parts, f'<div class="{grid}">', *figures, "</div>"])
 
 
 def _run_id(run: RunRef) -> str:
@@ -318,10 +320,15 @@ def outputs_html(lineage: Lineage) -> str:
 
 
 def lineage_html(lineage: Lineage) -> str:
+    if lineage.commit == "unknown":  # git knows no commit here: there is no tree to compare
+        state = "unknown (not a git checkout, or nothing committed yet)"
+    else:
+        state = (
+            f'<span class="id">{_e(lineage.commit)}</span>; working tree {_changes_html(lineage)}'
+        )
     return (
         '<h2 id="lineage">Lineage</h2>'
-        f'<p>Commit <span class="id">{_e(lineage.commit)}</span>; working tree '
-        f"{_changes_html(lineage)}</p>"
+        f"<p>Commit {state}</p>"
         f"<h3>MLflow and Prefect runs</h3>{runs_html(lineage)}"
         f"<h3>DVC outputs</h3>{outputs_html(lineage)}"
     )
