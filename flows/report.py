@@ -1,12 +1,14 @@
 """Report flow: merge every stage's findings, judge each against its target, write
-metrics/findings.json (the README's results table is generated from it)."""
+metrics/findings.json (the README's results table is generated from it) and the study report
+(reports/study.html), which goes to the pipeline's MLflow run as well as to the stage's."""
 
 from __future__ import annotations
 
 from prefect import flow
 
 from clipshift.config import ReportConfig
-from clipshift.stages.report import interval_text, run_report
+from clipshift.lineage import collect_lineage
+from clipshift.stages.report import interval_text, run_report, write_study
 from flows._common import report_table, tracked_stage
 
 
@@ -41,4 +43,13 @@ def report_flow(config: ReportConfig = ReportConfig()) -> dict:
         )
         for fid in report["missing"]:
             print(f"finding {fid} was not computed by any stage")
+        lineage = collect_lineage(tracker, "report")
+        html = write_study(config, report, lineage)
+        tracker.log_artifact(html, "reports")
+        if lineage.parent is not None:  # where a reader of the pipeline run finds it
+            tracker.client.log_artifact(lineage.parent.run_id, str(html), "reports")
+            tracker.client.set_tag(
+                lineage.parent.run_id, "clipshift.study_report", f"reports/{html.name}"
+            )
+        print(f"study report: {html}")
         return report

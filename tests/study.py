@@ -62,7 +62,7 @@ def copy_with_tiny_params(dest: Path) -> None:
     matrix reads pretrain.pools from it)."""
     for name in git(REPO, "ls-files", "-co", "--exclude-standard").split():
         src = REPO / name
-        if src.is_file() and not name.startswith(("metrics/", "plots/", "dvc.lock")):
+        if src.is_file() and not name.startswith(("metrics/", "plots/", "reports/", "dvc.lock")):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     full = PipelineConfig.model_validate(tiny_params()).model_dump(by_alias=True, mode="json")

@@ -179,7 +179,9 @@ def test_moving_a_folder_with_its_readers_is_fine(tmp_path):
     readers = {
         r.split(".")[0]: {"data_dir": data} for r, w in READS_WHAT_WRITES if w == "fetch.out_dir"
     }
-    params = load_params(write_params(tmp_path, {**readers, "fetch": {"out_dir": data + "/"}}))
+    sheet = {"contact_sheet": data + "/card/contact_sheet.png"}  # the report embeds it
+    overrides = {**readers, "fetch": {"out_dir": data + "/"}, "report": sheet}
+    params = load_params(write_params(tmp_path, overrides))
     assert params.scaling.data_dir == data
 
 

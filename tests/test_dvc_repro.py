@@ -86,6 +86,26 @@ def _values_of(obj, key: str) -> list:
     return []
 
 
+def assert_study_report(dest: Path, uri: str, findings: dict) -> None:
+    """reports/study.html: every finding, the figures embedded, and the same page on the
+    pipeline's MLflow run."""
+    import mlflow
+
+    from clipshift.tracking import EXPERIMENT
+
+    html = (dest / "reports/study.html").read_text()
+    assert all(f"<code>{fid}</code>" in html for fid in findings)
+    assert html.count('<img src="data:image/png;base64,') >= 5  # scatter, scaling, card
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (report_run,) = client.search_runs(
+        [client.get_experiment_by_name(EXPERIMENT).experiment_id],
+        "tags.`clipshift.stage` = 'report'",
+    )
+    parent = report_run.data.tags["mlflow.parentRunId"]
+    assert parent in html and report_run.info.run_id in html
+    assert [a.path for a in client.list_artifacts(parent, "reports")] == ["reports/study.html"]
+
+
 @pytest.mark.timeout(2400)  # the session fixture may run the tiny study first
 def test_whole_study_end_to_end(tiny_study):
     """The session's tiny study: a whole `dvc repro` of a fresh copy with the study's own
@@ -102,6 +122,7 @@ def test_whole_study_end_to_end(tiny_study):
         assert set(model["effective_robustness"]) == set(evaluate["baseline_fit"]) - {"avg"}
     findings = json.loads((dest / "metrics/findings.json").read_text())["findings"]
     assert "baselines_on_line" in findings and "criterion" in findings["baselines_on_line"]
+    assert_study_report(dest, env["MLFLOW_TRACKING_URI"], findings)
     scaling = json.loads((dest / "metrics/scaling.json").read_text())
     # frontier fits need two frontier runs, which a tiny world need not give; all-runs fits do
     assert scaling["fits_all_runs"] and len(scaling["runs"]) >= 3 and scaling["pool_size"]

@@ -745,6 +745,24 @@ class ReportConfig(StrictModel):
         description="Findings of the same study on other seeds (`infra/seed_study.sh SEED` "
         "writes them); the README table shows each beside the main run's, when present.",
     )
+    study_html: str = Field(
+        "reports/study.html",
+        description="The study report: findings, figures and lineage in one self-contained "
+        "HTML page (also logged to the pipeline's MLflow run).",
+    )
+    scatter_dir: str = Field(
+        "plots/evaluate/scatter",
+        description="evaluate's effective-robustness scatter plots (<evaluate.plots_dir>/scatter).",
+    )
+    scaling_figures_dir: str = Field(
+        "plots/scaling/figures",
+        description="scaling's figures (<scaling.plots_dir>/figures).",
+    )
+    contact_sheet: str = Field(
+        "data/fetch/card/contact_sheet.png",
+        description="The built-in world's dataset-card contact sheet (<fetch.out_dir>/card/); "
+        "the report says so when it is absent (external data has no card).",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -919,6 +937,15 @@ READS_WHAT_WRITES = [
 ]
 
 
+# (key of what the study report embeds, key of the folder the drawing stage writes, the path
+# under that folder)
+REPORT_READS = [
+    ("report.scatter_dir", "evaluate.plots_dir", "scatter"),
+    ("report.scaling_figures_dir", "scaling.plots_dir", "figures"),
+    ("report.contact_sheet", "fetch.out_dir", "card/contact_sheet.png"),
+]
+
+
 def fetched_pools(fetch: FetchConfig) -> set[str]:
     """The pools fetch writes as ``<out_dir>/pool-<name>``: the built-in world's two and every
     source named ``pool-<name>``."""
@@ -953,6 +980,13 @@ def cross_section_problems(p: PipelineConfig) -> list[str]:
                 f"(evaluate reads <models_dir>/*/index.json); set {key} to "
                 f"'{os.path.join(models, os.path.basename(os.path.normpath(out)))}' or "
                 "evaluate.models_dir to its parent"
+            )
+    for key, folder, under in REPORT_READS:
+        written = os.path.join(p.value(folder), under)
+        if not _same_path(p.value(key), written):
+            problems.append(
+                f"{key} = '{p.value(key)}' but {folder} = '{p.value(folder)}' puts it at "
+                f"'{written}', where the report reads it; set {key} to '{written}'"
             )
     for key in ("evaluate.metrics_path", "scaling.metrics_path"):
         if not any(_same_path(p.value(key), src) for src in p.report.sources):

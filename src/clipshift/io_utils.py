@@ -61,22 +61,30 @@ def write_error_message(exc: OSError, path: str | Path, what: str) -> str:
     return f"could not write {what} {path} ({reason}); {fix}. Earlier outputs were left intact"
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON via a temp file and rename, so readers (DVC, MLflow) never see half a file."""
+def write_text_atomic(path: str | Path, text: str, what: str = "the file") -> Path:
+    """Write ``text`` via a temp file and rename, so readers (DVC, MLflow, a browser) never
+    see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(path)
     except OSError as exc:
-        raise ClipshiftError(write_error_message(exc, path, "the JSON file")) from exc
+        raise ClipshiftError(write_error_message(exc, path, what)) from exc
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write JSON atomically (see :func:`write_text_atomic`)."""
+    return write_text_atomic(
+        path, json.dumps(obj, indent=2, sort_keys=True, default=str), "the JSON file"
+    )
 
 
 def read_json(path: str | Path) -> Any:

@@ -50,14 +50,19 @@ def _is_local_store(uri: str) -> bool:
 def _git(*args: str) -> str:
     try:
         out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
-        return out.stdout.strip()
+        return out.stdout.rstrip()  # a porcelain line starts with a meaningful space
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
+def git_changes() -> list[str]:
+    """``git status --porcelain`` lines of the tracked files that differ from the commit."""
+    return _git("status", "--porcelain", "--untracked-files=no").splitlines()
+
+
 def git_state() -> dict[str, str]:
     commit = _git("rev-parse", "HEAD") or "unknown"
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    dirty = bool(git_changes())
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
 
 

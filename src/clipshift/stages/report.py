@@ -10,6 +10,10 @@ place they are written) and writes ``metrics/findings.json``:
 no stage wrote). The README's results table is generated from that file, never typed:
 ``python -m clipshift.stages.report readme`` rewrites it, ``... readme --check`` fails when it
 is stale.
+
+It also writes the study report (``report.study_html``): the findings, the figures evaluate and
+scaling drew, the dataset card's contact sheet and the lineage, as one self-contained HTML page
+(:mod:`clipshift.study_report`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from typing import Any
 
 from clipshift.config import ReportConfig, load_params
 from clipshift.errors import DataError
-from clipshift.io_utils import write_json_atomic
+from clipshift.io_utils import write_json_atomic, write_text_atomic
+from clipshift.lineage import Lineage
+from clipshift.study_report import FindingRow, render, study_sections
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +248,38 @@ def update_readme(
     if new != text and not check:
         path.write_text(new)
     return new != text
+
+
+# --------------------------------------------------------------------------------------------
+# the study report (HTML)
+
+
+def _finding_row(fid: str, f: Mapping[str, Any]) -> FindingRow:
+    ci = None if f["ci95"] is None else (float(f["ci95"][0]), float(f["ci95"][1]))
+    note = str(f.get("ci95_note", "not computed"))
+    return FindingRow(
+        fid, str(f["statement"]), f["criterion"], float(f["value"]), ci, note, f["holds"]
+    )
+
+
+def finding_rows(report: Mapping[str, Any]) -> list[FindingRow]:
+    """The findings table's rows: the judged findings in the targets' order, then the missing."""
+    findings = report["findings"]
+    rows = [_finding_row(fid, findings[fid]) for fid in _ordered(findings)]
+    rows += [
+        FindingRow(key, "no stage wrote this finding", TARGETS[key].criterion, None, None, "", None)
+        for key in report.get("missing", [])
+    ]
+    return rows
+
+
+def write_study(cfg: ReportConfig, report: Mapping[str, Any], lineage: Lineage) -> Path:
+    """Render the study report from the files on disk and write it to ``cfg.study_html``."""
+    sections = study_sections(
+        Path(cfg.scatter_dir), Path(cfg.scaling_figures_dir), Path(cfg.contact_sheet)
+    )
+    html = render(finding_rows(report), sections, lineage)
+    return write_text_atomic(cfg.study_html, html, "the study report")
 
 
 def main(argv: list[str] | None = None) -> int:
