@@ -741,7 +741,7 @@ class ReportConfig(StrictModel):
         "README.md", description="`clipshift readme` rewrites its results table between markers."
     )
     other_seeds: list[str] = Field(
-        default_factory=lambda: ["metrics/seeds/seed-1.json"],
+        default_factory=lambda: ["metrics/seeds/seed-1.json", "metrics/seeds/seed-2.json"],
         description="Findings of the same study on other seeds (`infra/seed_study.sh SEED` "
         "writes them); the README table shows each beside the main run's, when present.",
     )
