@@ -80,24 +80,25 @@ def _follow_environment() -> None:
     constants.HF_HUB_OFFLINE = hub_offline()
 
 
-def _missing(value: str, what: str, error: Exception) -> DataError:
+def _missing(value: str, repo: str, what: str, error: Exception) -> DataError:
+    """The error for a file of hub repository ``repo`` that is neither cached nor fetchable."""
     cache = hub_cache_dir()
-    repo = hub_id(value)
-    folder = f"models--{repo.replace('/', '--')}" if repo else "the tag's models--<org>--<name>"
+    folder = f"models--{repo.replace('/', '--')}"
     if hub_offline():
         how = (
-            f"HF_HUB_OFFLINE=1 forbids downloading it. Run once online (without HF_HUB_OFFLINE) "
+            "HF_HUB_OFFLINE=1 forbids downloading it. Run once online (without HF_HUB_OFFLINE) "
             f"to fill the cache, or set HF_HOME to the folder whose hub/ holds {folder} "
             "(HF_HUB_CACHE to that hub folder itself)"
         )
     else:
         how = (
-            "check the network and the name, or fill the cache elsewhere and set HF_HOME to "
-            f"the folder whose hub/ holds {folder}"
+            "check the network and the name, or fill the cache on a machine that is online "
+            f"and set HF_HOME to the folder whose hub/ holds {folder}"
         )
     return DataError(
-        f"pretrain.pretrained '{value}': {what} is not in the Hugging Face cache {cache} and "
-        f"could not be fetched ({type(error).__name__}: {error}); {how}"
+        f"pretrain.pretrained '{value}': cannot load {what} (hub repository {repo}): not in "
+        f"the Hugging Face cache {cache}, and not fetched; {how}. "
+        f"({type(error).__name__}: {error})"
     )
 
 
@@ -105,12 +106,12 @@ def _missing(value: str, what: str, error: Exception) -> DataError:
 # resolving and loading
 
 
-def _tag_weights(model: str, tag: str, cache: Path) -> Path:
-    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+def _tag_weights(tag_cfg: dict[str, Any], cache: Path) -> Path:
+    from open_clip.pretrained import download_pretrained
 
-    found = download_pretrained(get_pretrained_cfg(model, tag), cache_dir=str(cache))
+    found = download_pretrained(tag_cfg, cache_dir=str(cache))
     if not found:  # a registry entry with neither url nor hub id
-        raise FileNotFoundError(f"open_clip lists no file for {model}:{tag}")
+        raise FileNotFoundError("open_clip's registry entry names no file")
     return Path(found)
 
 
@@ -124,7 +125,7 @@ def _hub_config(value: str, repo: str, cache: Path) -> dict[str, Any]:
     try:
         path = _hub_file(repo, cache, CONFIG_FILE)
     except Exception as exc:  # huggingface_hub raises many kinds; all mean "not available"
-        raise _missing(value, CONFIG_FILE, exc) from exc
+        raise _missing(value, repo, CONFIG_FILE, exc) from exc
     config = json.loads(path.read_text())
     if "model_cfg" not in config:
         raise DataError(
@@ -176,12 +177,14 @@ def resolve(model: str, pretrained: str) -> PublishedWeights:
             raise ConfigError(f"pretrain.pretrained: {exc}") from None
         from open_clip.pretrained import get_pretrained_cfg
 
-        _check_normalisation(pretrained, get_pretrained_cfg(model, pretrained))
+        tag_cfg = get_pretrained_cfg(model, pretrained)
+        _check_normalisation(pretrained, tag_cfg)
         name, config = resolve_model_config(model)
+        where = tag_cfg.get("hf_hub", "").rstrip("/") or tag_cfg.get("url", "")
         try:
-            weights = _tag_weights(model, pretrained, cache)
+            weights = _tag_weights(tag_cfg, cache)
         except Exception as exc:
-            raise _missing(pretrained, f"the weights of {model}:{pretrained}", exc) from exc
+            raise _missing(pretrained, where, f"{model}'s weights", exc) from exc
     else:
         hub = _hub_config(pretrained, repo, cache)
         _check_normalisation(pretrained, hub.get("preprocess_cfg", {}))
@@ -189,7 +192,7 @@ def resolve(model: str, pretrained: str) -> PublishedWeights:
         try:
             weights = _hub_file(repo, cache)
         except Exception as exc:
-            raise _missing(pretrained, "its weights file", exc) from exc
+            raise _missing(pretrained, repo, "its weights file", exc) from exc
     return PublishedWeights(pretrained, name, config, weights, sha256_file(weights))
 
 
