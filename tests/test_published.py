@@ -242,6 +242,19 @@ def test_one_starting_point_and_samples_zero_needs_one(tmp_path):
         PretrainConfig(samples=0)
 
 
+def test_no_baselines_only_with_the_external_line_alone(tmp_path):
+    from tests.tiny import full_params
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(full_params({"finetune": {"baselines": []}})))
+    with pytest.raises(ConfigError, match="finetune.baselines is empty"):
+        load_params(params)
+    replace = {"external_baselines": TESTBED, "external_mode": "replace"}
+    params.write_text(yaml.safe_dump(full_params({"finetune": {"baselines": []},
+                                                   "evaluate": replace})))  # fmt: skip
+    assert load_params(params).finetune.baselines == []
+
+
 def test_other_image_statistics_are_refused(offline_hub):
     hub_model(offline_hub, preprocess={**PREPROCESS, "mean": [0.5] * 3, "std": [0.5] * 3})
     with pytest.raises(ConfigError, match=r"mean \(0.5, 0.5, 0.5\)"):
@@ -330,7 +343,7 @@ def test_hub_model_through_finetune_interpolate_evaluate_offline(
     run_fetch(cfg.fetch, progress=False)
     pretrain_flow(config=cfg.pretrain)
     run_finetune(cfg.finetune, progress=False)
-    run_interpolate(cfg.interpolate, progress=False)
+    run_interpolate(cfg.interpolate)
     summary = run_evaluate(cfg.evaluate, progress=False)
 
     sha = sha256_file(snapshot_file(offline_hub, "open_clip_model.safetensors"))

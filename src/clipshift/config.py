@@ -653,7 +653,8 @@ class FinetuneConfig(StrictModel):
     @field_validator("baselines")
     @classmethod
     def _enough_baselines(cls, value: list[BaselineSpec]) -> list[BaselineSpec]:
-        if len(value) < 3:
+        # none: evaluate's line comes from evaluate.external_baselines alone (cross-checked)
+        if 0 < len(value) < 3:
             raise ValueError(f"need at least 3 baseline models to fit a line, got {len(value)}")
         return value
 
@@ -1051,6 +1052,13 @@ def cross_section_problems(p: PipelineConfig) -> list[str]:
                     f"{sorted(built)}); remove them from {key} or add a fetch.sources entry "
                     f"named 'pool-{missing[0]}' (role: pool)"
                 )
+    ev = p.evaluate
+    if not p.finetune.baselines and not (ev.external_baselines and ev.external_mode == "replace"):
+        problems.append(
+            "finetune.baselines is empty, but evaluate fits its baseline line on them: list at "
+            "least 3, or set evaluate.external_baselines (e.g. imagenet-testbed) with "
+            "external_mode: replace"
+        )
     if p.interpolate.soups and not p.finetune.soup_ingredients:
         problems.append(
             f"interpolate.soups = {p.interpolate.soups} but finetune.soup_ingredients is empty: "
