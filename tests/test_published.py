@@ -255,6 +255,23 @@ def test_no_baselines_only_with_the_external_line_alone(tmp_path):
     assert load_params(params).finetune.baselines == []
 
 
+def test_the_readme_recipe_is_a_valid_configuration(tmp_path):
+    """The README's ViT-B-32 block, merged into params.yaml, validates as it stands: the
+    published tag, ImageNet class maps everywhere, no baselines, the testbed line."""
+    from tests.tiny import REPO_PARAMS, full_params
+
+    readme = (REPO_PARAMS.parent / "README.md").read_text()
+    section = readme.split("### Published CLIP on ImageNet", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(full_params(yaml.safe_load(block))))
+    cfg = load_params(tmp_path / "params.yaml")
+    assert (cfg.pretrain.model, cfg.pretrain.pretrained) == ("ViT-B-32", "laion2b_s34b_b79k")
+    assert cfg.pretrain.samples == 0 and cfg.finetune.baselines == []
+    assert {s.class_map for s in cfg.fetch.sources} == {"imagenet"}
+    shifts = {s.name for s in cfg.fetch.sources if s.role == "shift"}
+    assert shifts == set(SHIFT_FOLDERS) and cfg.evaluate.external_baselines == TESTBED
+
+
 def test_other_image_statistics_are_refused(offline_hub):
     hub_model(offline_hub, preprocess={**PREPROCESS, "mean": [0.5] * 3, "std": [0.5] * 3})
     with pytest.raises(ConfigError, match=r"mean \(0.5, 0.5, 0.5\)"):
