@@ -342,7 +342,6 @@ def imagenet_trees(root: Path) -> None:
     image_folder(root / "imagenet-v2", [str(i) for i in range(len(wnids))], 2, "jpeg", seed=6)
 
 
-@pytest.mark.slow
 def test_hub_model_through_finetune_interpolate_evaluate_offline(
     offline_hub, tmp_path, mlflow_store, prefect_harness
 ):
