@@ -88,12 +88,21 @@ def record_pool(
         return result
 
 
+def starting_weights(result: dict) -> dict:
+    """The run's starting point (published tag or hub id, its file sha256, or the
+    init_checkpoint), as the LoggedModel's lineage params."""
+    return {k: v for k, v in result.items() if k.startswith(("pretrained", "init_checkpoint"))}
+
+
 def publish_pool(tracker, config: PretrainConfig, pool: str, result: dict) -> None:
     checkpoint = Path(result.get("checkpoint", run_path(config, pool) / "checkpoint.pt"))
     if checkpoint.exists():
         facts = {"pool": pool, "seed": config.seed, "lr": config.lr,
                  "batch_size": config.batch_size, "samples": result.get("samples"),
                  "steps": result.get("steps"), "data": f"pool {pool}"}  # fmt: skip
+        facts.update(starting_weights(result))
+        if not result.get("samples"):  # samples: 0: published weights recorded as they are
+            facts["data"] = "none (the starting weights, not trained here)"
         model = logged_models.clip_model(f"pretrain-{pool}", checkpoint, result["model"], facts)
         logged_models.ModelLogger(tracker).log([model])
     publish_run_metrics(tracker, pool, result)

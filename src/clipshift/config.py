@@ -65,6 +65,39 @@ def check_model_name(value: str) -> str:
     return value
 
 
+HF_PREFIX = "hf-hub:"  # pretrain.pretrained: a Hugging Face Hub id, not a tag
+
+
+def hub_id(value: str) -> str | None:
+    """``org/name`` of an ``hf-hub:org/name`` value, else None (a tag)."""
+    return value[len(HF_PREFIX) :] if value.startswith(HF_PREFIX) else None
+
+
+def check_pretrained(model: str, value: str) -> str:
+    """``value`` if it is an ``hf-hub:org/name`` id or a tag open_clip publishes for
+    ``model``; else ValueError listing the tags that ``model`` has."""
+    repo = hub_id(value)
+    if repo is not None:
+        parts = repo.split("/")
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(
+                f"'{value}' is not a Hugging Face Hub id; write hf-hub:<org>/<name>, e.g. "
+                "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+            )
+        return value
+    import open_clip  # torch comes with it: imported only when a tag is checked
+
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if not open_clip.is_pretrained_cfg(model, value):
+        listed = ", ".join(tags) if tags else "none"
+        raise ValueError(
+            f"'{value}' is not an open_clip pretrained tag of pretrain.model '{model}' (its "
+            f"tags: {listed}); use one of them, an hf-hub:<org>/<name> id, or "
+            "pretrain.init_checkpoint for a checkpoint file"
+        )
+    return value
+
+
 def check_existing_path(value: str | None) -> str | None:
     """Local paths must exist; remote URIs (s3://, https://) are checked when fetched."""
     if value is None or "://" in value:
@@ -350,14 +383,15 @@ class TrainLoopConfig(StrictModel):
 class PretrainConfig(TrainLoopConfig):
     # Settings that cannot change the trained weights (clipshift.training_spec): logging,
     # paths and the list of pools (each pool is its own run). Others enter the training spec
-    # resolved: model → its architecture, init_checkpoint → the file's sha256, device/loader →
-    # what 'auto' chose, distributed → the world size (nproc_per_node × nnodes, as the ranks
-    # see it); workers counts only for the streaming loader, whose sample order depends on it.
+    # resolved: model → its architecture, init_checkpoint and pretrained → the starting
+    # weights' sha256, device/loader → what 'auto' chose, distributed → the world size
+    # (nproc_per_node × nnodes, as the ranks see it); workers counts only for the streaming
+    # loader, whose sample order depends on it.
     # checkpoint_every stays in: the spike guard rolls back to the last checkpoint, so it can
     # change the weights.
     RESULT_NEUTRAL: ClassVar[frozenset[str]] = frozenset(
-        {"log_every", "data_dir", "out_dir", "pools", "model", "init_checkpoint", "device",
-         "loader", "distributed", "workers"}
+        {"log_every", "data_dir", "out_dir", "pools", "model", "init_checkpoint", "pretrained",
+         "device", "loader", "distributed", "workers"}
     )  # fmt: skip
 
     data_dir: str = Field("data/fetch", description="Output of fetch (the pools live here).")
@@ -373,7 +407,18 @@ class PretrainConfig(TrainLoopConfig):
     init_checkpoint: str | None = Field(
         None, description="Start from this open_clip checkpoint (path or s3://) instead of scratch."
     )
-    samples: int = Field(80000, ge=1, description="Training samples seen (sets the step count).")
+    pretrained: str | None = Field(
+        None,
+        description="Start from published weights: an open_clip pretrained tag of `model` "
+        "(open_clip.list_pretrained_tags_by_model) or hf-hub:<org>/<name>, loaded by open_clip "
+        "through the Hugging Face cache (HF_HOME, HF_HUB_OFFLINE honoured).",
+    )
+    samples: int = Field(
+        80000,
+        ge=0,
+        description="Training samples seen (sets the step count); 0 with pretrained or "
+        "init_checkpoint records the starting model as it is, without training.",
+    )
     gather_with_grad: bool = Field(False, description="DDP: backprop through gathered features.")
     local_loss: bool = Field(False, description="DDP: loss against local rows only.")
     max_rollbacks: int = Field(3, ge=0, description="Loss-spike rollbacks before giving up.")
@@ -395,6 +440,22 @@ class PretrainConfig(TrainLoopConfig):
         if not value:
             raise ValueError("list at least one pool, e.g. [diverse, narrow]")
         return value
+
+    @model_validator(mode="after")
+    def _one_starting_point(self) -> PretrainConfig:
+        if self.init_checkpoint is not None and self.pretrained is not None:
+            raise ValueError(
+                f"init_checkpoint ('{self.init_checkpoint}') and pretrained "
+                f"('{self.pretrained}') both name starting weights; set one of them to null"
+            )
+        if self.samples == 0 and self.init_checkpoint is None and self.pretrained is None:
+            raise ValueError(
+                "samples: 0 records the starting model without training, but there is none "
+                "(pretrained and init_checkpoint are null); set one, or samples > 0"
+            )
+        if self.pretrained is not None:
+            check_pretrained(self.model, self.pretrained)
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,7 +653,8 @@ class FinetuneConfig(StrictModel):
     @field_validator("baselines")
     @classmethod
     def _enough_baselines(cls, value: list[BaselineSpec]) -> list[BaselineSpec]:
-        if len(value) < 3:
+        # none: evaluate's line comes from evaluate.external_baselines alone (cross-checked)
+        if 0 < len(value) < 3:
             raise ValueError(f"need at least 3 baseline models to fit a line, got {len(value)}")
         return value
 
@@ -1024,6 +1086,13 @@ def cross_section_problems(p: PipelineConfig) -> list[str]:
                     f"{sorted(built)}); remove them from {key} or add a fetch.sources entry "
                     f"named 'pool-{missing[0]}' (role: pool)"
                 )
+    ev = p.evaluate
+    if not p.finetune.baselines and not (ev.external_baselines and ev.external_mode == "replace"):
+        problems.append(
+            "finetune.baselines is empty, but evaluate fits its baseline line on them: list at "
+            "least 3, or set evaluate.external_baselines (e.g. imagenet-testbed) with "
+            "external_mode: replace"
+        )
     if p.interpolate.soups and not p.finetune.soup_ingredients:
         problems.append(
             f"interpolate.soups = {p.interpolate.soups} but finetune.soup_ingredients is empty: "
@@ -1046,7 +1115,7 @@ def cross_section_problems(p: PipelineConfig) -> list[str]:
             f"pretrain.accum_steps ({pre.accum_steps}) micro-batches (scaling runs take "
             "pretrain's loop settings); make it divisible or change pretrain.accum_steps"
         )
-    if pre.samples < pre.batch_size:
+    if 0 < pre.samples < pre.batch_size:  # 0: the starting model recorded, no batch drawn
         problems.append(
             f"pretrain.samples = {pre.samples} is less than one batch (pretrain.batch_size = "
             f"{pre.batch_size}); raise samples or lower batch_size"

@@ -14,6 +14,12 @@ Outputs, in ``<out_dir>/<pool>/``:
   ``open_clip.create_model_and_transforms(name, pretrained=<folder>/checkpoint.pt)``.
 * ``metrics.json`` (the run's results) and ``history.json`` (per-log-step records, DVC plots).
 
+The run starts from scratch (seeded), from ``init_checkpoint`` or from published weights,
+``pretrained`` (an open_clip tag or ``hf-hub:org/name``, :mod:`clipshift.published`), whose
+value, architecture and file sha256 go into the checkpoint, ``metrics.json`` and MLflow. With
+``samples: 0`` nothing is trained and the pool is not read: the starting model is written as
+the run's checkpoint, so finetune, interpolate and evaluate take it like a trained one.
+
 The folder is a DVC output, so nothing in it is a timing: a finished run's files are a pure
 function of its training spec. Training time, wall time and throughput (overall and per
 logged step) are returned by :func:`run_pretrain` (:data:`TIMING_KEYS`), logged to MLflow and
@@ -52,6 +58,7 @@ from open_clip.loss import ClipLoss
 from tqdm.auto import tqdm
 
 from clipshift import distributed as D
+from clipshift import published as P
 from clipshift import train_utils as T
 from clipshift.checkpoints import (
     latest_checkpoint,
@@ -119,11 +126,18 @@ def resume_path(cfg: PretrainConfig, pool: str, step: int) -> Path:
 
 
 def build_model(
-    cfg: PretrainConfig, device: torch.device, init_path: Path | None = None
+    cfg: PretrainConfig,
+    device: torch.device,
+    init_path: Path | None = None,
+    published: P.PublishedWeights | None = None,
 ) -> ClipBundle:
-    """The model to train: ``cfg.model`` from scratch (seeded), or ``cfg.init_checkpoint``
-    (``init_path``: its local copy, when the caller has already fetched it)."""
+    """The model to train: ``cfg.model`` from scratch (seeded), ``cfg.pretrained`` (published
+    weights; ``published``: already resolved) or ``cfg.init_checkpoint`` (``init_path``: its
+    local copy, when the caller has already fetched it)."""
     torch.manual_seed(cfg.seed)
+    if cfg.pretrained is not None:
+        found = published or P.resolve(cfg.model, cfg.pretrained)
+        return _to(P.load(found, cfg.model), device)
     if cfg.init_checkpoint is None:
         return _to(create_clip(cfg.model), device)
     path = str(init_path or local_checkpoint(cfg.init_checkpoint))
@@ -148,7 +162,7 @@ def check_batching(cfg: PretrainConfig, world_size: int) -> int:
             f"batch_size {cfg.batch_size} does not split into accum_steps ({cfg.accum_steps}) × "
             f"ranks ({world_size}) equal micro-batches; use a batch_size divisible by {parts}"
         )
-    if cfg.samples < cfg.batch_size:
+    if 0 < cfg.samples < cfg.batch_size:  # 0: the starting model is recorded, not trained
         raise ConfigError(
             f"samples ({cfg.samples}) is smaller than one batch ({cfg.batch_size}); "
             "raise pretrain.samples or lower batch_size"
@@ -192,18 +206,21 @@ class Pretrainer:
         self.cfg, self.pool, self.tracker, self.hooks = cfg, pool, tracker, hooks or TrainHooks()
         self.progress, self.pool_data = progress, pool_data
         self.spec_extra = dict(spec_extra or {})
-        load_info(pool_path(cfg, pool))  # fail fast, naming the fix, if fetch has not run
-        self.pool_fingerprint = dataset_fingerprint(pool_path(cfg, pool))
+        self.total_steps = cfg.samples // cfg.batch_size
+        # samples: 0 records the starting model: the pool is never read, and need not exist
+        self.pool_fingerprint = self.check_pool() if self.total_steps else None
         self.dist = D.init_distributed(cfg.device)
         self.device = self.dist.device
         T.check_precision(cfg.precision, self.device)
         self.micro = check_batching(cfg, self.dist.world_size)
-        self.total_steps = cfg.samples // cfg.batch_size
         self.out = run_path(cfg, pool)
         self.init_path = local_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint else None
-        self.bundle = build_model(cfg, self.device, self.init_path)
+        self.published = P.resolve(cfg.model, cfg.pretrained) if cfg.pretrained else None
+        self.bundle = build_model(cfg, self.device, self.init_path, self.published)
         self.raw = self.bundle.model
-        self.loader_kind = choose_loader(cfg, pool_path(cfg, pool), self.bundle.image_size)
+        self.loader_kind = "none"
+        if self.total_steps:
+            self.loader_kind = choose_loader(cfg, pool_path(cfg, pool), self.bundle.image_size)
         self.spec = self.training_spec()
         self.fingerprint = fingerprint(self.spec)
         self.optimizer = T.build_optimizer(
@@ -224,6 +241,7 @@ class Pretrainer:
                 "ranks' rows of the batch; set gather_with_grad: true for exact DDP"
             )
         self.step = 0
+        self.pool_samples: int | None = None  # set when the pool is opened
         self.history: list[dict[str, float]] = []
         self.train_time = 0.0
         self.throughput: list[dict[str, float]] = []  # {step, samples_per_s} per logged step
@@ -231,6 +249,24 @@ class Pretrainer:
         self.model: torch.nn.Module = self.raw  # DDP wrapper once set up
 
     # ---- data ----------------------------------------------------------------------------
+
+    def check_pool(self) -> str | None:
+        """The pool's content hash; fails fast, naming the fix, if fetch has not built it."""
+        load_info(pool_path(self.cfg, self.pool))
+        return dataset_fingerprint(pool_path(self.cfg, self.pool))
+
+    def starting_weights(self) -> dict[str, str]:
+        """What the run started from, when not from scratch: recorded in every output."""
+        if self.published is not None:
+            return self.published.record()
+        if self.init_path is not None:
+            return {"init_checkpoint": str(self.cfg.init_checkpoint)}
+        return {}
+
+    def init_sha256(self) -> str | None:
+        if self.published is not None:
+            return self.published.sha256
+        return sha256_file(self.init_path) if self.init_path else None
 
     def open_data(self) -> MemoryBatches | StreamBatches:
         pool_dir = pool_path(self.cfg, self.pool)
@@ -297,7 +333,7 @@ class Pretrainer:
                 "pretrain.pool": self.pool,
                 "pretrain.pool_fingerprint": self.pool_fingerprint,
                 "pretrain.architecture": self.bundle.config,
-                "pretrain.init_sha256": sha256_file(self.init_path) if self.init_path else None,
+                "pretrain.init_sha256": self.init_sha256(),
                 "pretrain.device": self.device.type,
                 "pretrain.world_size": self.dist.world_size,
                 "pretrain.loader": self.loader_kind,
@@ -598,6 +634,7 @@ class Pretrainer:
             "events": self.guard.events,
             "training_fingerprint": self.fingerprint,
             "reused": False,
+            **self.starting_weights(),
         }
         metrics.update(flops_metrics(self.bundle.config, samples))
         if self.dist.is_main:
@@ -619,6 +656,7 @@ class Pretrainer:
             "pretrain_config": self.cfg.model_dump(mode="json"),
             "training_spec": self.spec,
             "training_fingerprint": self.fingerprint,
+            **self.starting_weights(),
         }
         save_open_clip_checkpoint(
             self.out / "checkpoint.pt", self.raw, self.bundle.name, self.bundle.config, extra
@@ -655,9 +693,13 @@ class Pretrainer:
         wall_start = time.perf_counter()
         self.claim()
         self.resume()
+        if self.dist.is_main and self.published is not None:
+            self.tracker.log_params(self.published.record())
         done = self.finished_metrics()
         if done is not None:
             return self.reuse(done)
+        if self.total_steps == 0:  # samples: 0: the starting model, recorded as it is
+            return self.finish(time.perf_counter() - wall_start)
         self.wrap_ddp()
         data = self.open_data()
         if self.step == 0 and self.latest_resume() is None:

@@ -159,6 +159,12 @@ def family_config(base: Mapping[str, Any], width: int, layers: int) -> dict[str,
     return cfg
 
 
+def includes_pretrain_run(cfg: ScalingConfig, pretrain: PretrainConfig) -> bool:
+    """The pretrain run is a grid point when asked for and trained (samples: 0 records
+    published weights, no point of this family's grid)."""
+    return cfg.include_pretrain_run and pretrain.samples > 0
+
+
 def main_point(pretrain: PretrainConfig) -> ScalingRun:
     """The default pretrain run as a grid point."""
     vision = main_model(pretrain)[1]["vision_cfg"]
@@ -217,6 +223,7 @@ def pretrain_config(
         "out_dir": str(Path(cfg.out_dir) / run_name(point, fraction)),
         "pools": [pool],
         "init_checkpoint": None,  # a scaling run is trained from scratch by definition
+        "pretrained": None,
     }
     # model_validate (not model_copy) so the derived settings are checked like params.yaml.
     return PretrainConfig.model_validate({**pretrain.model_dump(), **update})
@@ -408,7 +415,7 @@ def training_plan(
     subset of the pool), or the reused pretrain run's result."""
     model_path = write_model_config(cfg, point, inputs.family, fraction)
     pcfg = pretrain_config(cfg, pretrain, pool, point, model_path, fraction)
-    if cfg.include_pretrain_run and fraction >= 1.0 and point == main_point(pretrain):
+    if includes_pretrain_run(cfg, pretrain) and fraction >= 1.0 and point == main_point(pretrain):
         reused = reuse_pretrain_run(pretrain, pcfg, pool)
         if reused is not None:
             return {**reused, "reused_from": str(Path(pretrain.out_dir) / pool)}
@@ -986,7 +993,7 @@ def grid_points(
     stopped early leaves complete small runs behind. A point listed twice is trained once.
     With ``pretrain`` and ``include_pretrain_run``, the default pretrain run is a point."""
     points = list(cfg.grid)
-    if pretrain is not None and cfg.include_pretrain_run:
+    if pretrain is not None and includes_pretrain_run(cfg, pretrain):
         points.append(main_point(pretrain))
     unique = {(p.width, p.layers, p.samples): p for p in points}
     order = [unique[key] for key in sorted(unique)]

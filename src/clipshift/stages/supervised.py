@@ -150,10 +150,12 @@ def task_codepoints(data_dir: str | Path) -> tuple[list[str], list[str]]:
 def build_tower(pretrain: PretrainConfig, device: torch.device) -> ClipBundle:
     """``pretrain.model`` created as the pretrain stage creates it from scratch: the same seed
     before the same constructor, so the image tower starts from CLIP's initial weights."""
-    if pretrain.init_checkpoint is not None:
+    start = "init_checkpoint" if pretrain.init_checkpoint is not None else "pretrained"
+    if pretrain.init_checkpoint is not None or pretrain.pretrained is not None:
         log.warning(
-            "supervised: pretrain.init_checkpoint is set, but the control trains from scratch "
-            "(seeded pretrain.model); compare it with a CLIP trained from scratch"
+            "supervised: pretrain.%s is set, but the control trains from scratch (seeded "
+            "pretrain.model); compare it with a CLIP trained from scratch",
+            start,
         )
     torch.manual_seed(pretrain.seed)
     bundle = create_clip(pretrain.model)
