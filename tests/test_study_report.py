@@ -16,6 +16,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from clipshift import lineage as lin
+from clipshift import tracking
 from clipshift.config import ReportConfig
 from clipshift.lineage import Lineage, Output, RunRef
 from clipshift.stages import report as rp
@@ -202,7 +203,7 @@ def test_a_local_store_gets_no_links_but_the_command_to_open_it(tmp_path):
     html = rp.write_study(cfg, rp.run_report(cfg), local).read_text()
     assert all(link.startswith("#") for link in Page(html).links)  # the contents line only
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in html
-    assert "clean (the tracked files are as committed)" in html
+    assert "clean (the tracked sources are as committed)." in html
 
 
 def test_without_a_commit_the_page_says_so_and_judges_no_tree(tmp_path):
@@ -264,18 +265,28 @@ def test_dvc_outputs_keep_the_defined_stages_in_pipeline_order(tmp_path):
 
 def test_git_state_of_the_working_tree(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for cmd in (["init", "-q"], ["add", "f.txt"],
+    (tmp_path / "f.txt").write_text("one")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "m.json").write_text("{}")
+    lock = {"schema": "2.0", "stages": {"s": {"cmd": "c", "outs": [{"path": "metrics"}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    for cmd in (["init", "-q"], ["add", "."],
                 ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "c"]):  # fmt: skip
-        if cmd[0] == "add":
-            (tmp_path / "f.txt").write_text("one")
         subprocess.run(["git", *cmd], check=True, capture_output=True)
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     clean = lin.collect_lineage()
     assert clean.commit == head.strip() and not clean.dirty and clean.changes == []
+    # a run rewrites the pipeline's own outputs: still clean, and the page says they changed
+    (tmp_path / "metrics" / "m.json").write_text('{"a": 1}')
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock) + "# rewritten\n")
+    rerun = lin.collect_lineage()
+    assert not rerun.dirty and rerun.changes == [] and rerun.rewritten == 2
+    assert tracking.git_state()["git.dirty"] == "false"
     (tmp_path / "f.txt").write_text("two")
     (tmp_path / "untracked.txt").write_text("not part of the commit's tree")
     dirty = lin.collect_lineage()
-    assert dirty.dirty and dirty.changes == [" M f.txt"]
+    assert dirty.dirty and dirty.changes == [" M f.txt"] and dirty.rewritten == 2
+    assert tracking.git_changes(outputs=True) == [" M dvc.lock", " M f.txt", " M metrics/m.json"]
 
 
 def test_public_uri_drops_credentials():

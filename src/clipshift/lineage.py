@@ -42,11 +42,12 @@ class RunRef:
 class Lineage:
     commit: str
     dirty: bool
-    changes: list[str]  # `git status --porcelain` lines of the changed tracked files
+    changes: list[str]  # `git status --porcelain` lines of the changed tracked sources
     outputs: dict[str, list[Output]]  # DVC stage → its outputs, as dvc.lock records them
     tracking_uri: str
     parent: RunRef | None = None
     runs: list[RunRef] = field(default_factory=list)  # the pipeline's stage runs, oldest first
+    rewritten: int = 0  # committed pipeline outputs (dvc.lock outs) this run's stages rewrote
 
 
 def dvc_outputs(
@@ -139,6 +140,7 @@ def collect_lineage(
         commit=state["git.commit"],
         dirty=state["git.dirty"] == "true",
         changes=tracking.git_changes(),
+        rewritten=len(tracking.git_changes(outputs=True)) - len(tracking.git_changes()),
         outputs=dvc_outputs(running=stage),
         tracking_uri=uri,
         parent=parent,

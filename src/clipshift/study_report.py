@@ -254,15 +254,22 @@ def _run_id(run: RunRef) -> str:
 
 
 def _changes_html(lineage: Lineage) -> str:
+    outputs = (
+        f" {lineage.rewritten} committed pipeline output(s) (dvc.lock and the stages' outs) "
+        "differ from the commit: this run rewrote them; commit them with the code."
+        if lineage.rewritten
+        else ""
+    )
     if not lineage.dirty:
-        return "clean (the tracked files are as committed)"
+        return "clean (the tracked sources are as committed)." + _e(outputs)
     shown = lineage.changes[:MAX_CHANGES]
     more = len(lineage.changes) - len(shown)
     lines = [*shown, f"… and {more} more"] if more > 0 else shown
     return (
-        "<strong>dirty</strong>: tracked files differ from the commit<pre>"
+        "<strong>dirty</strong>: tracked sources differ from the commit<pre>"
         + _e("\n".join(lines))
         + "</pre>"
+        + _e(outputs)
     )
 
 

@@ -55,12 +55,35 @@ def _git(*args: str) -> str:
         return ""
 
 
-def git_changes() -> list[str]:
-    """``git status --porcelain`` lines of the tracked files that differ from the commit."""
-    return _git("status", "--porcelain", "--untracked-files=no").splitlines()
+def pipeline_outputs(lock: str | Path = "dvc.lock") -> list[str]:
+    """What the pipeline itself writes: ``lock`` and every stage output it records."""
+    try:
+        stages = (yaml.safe_load(Path(lock).read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    outs = [o["path"] for stage in stages.values() for o in stage.get("outs") or []]
+    return [str(lock), *outs]
+
+
+def _is_under(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def git_changes(outputs: bool = False) -> list[str]:
+    """``git status --porcelain`` lines of the tracked files that differ from the commit.
+
+    Without ``outputs``, files the pipeline writes (:func:`pipeline_outputs`) are left out: a
+    run that rewrites committed metrics has not changed what produced them, and calling every
+    stage after the first "dirty" would hide real source edits among them."""
+    lines = _git("status", "--porcelain", "--untracked-files=no").splitlines()
+    if outputs:
+        return lines
+    written = pipeline_outputs()
+    return [line for line in lines if not _is_under(line[3:].split(" -> ")[-1], written)]
 
 
 def git_state() -> dict[str, str]:
+    """The commit, and whether any tracked file other than a pipeline output differs from it."""
     commit = _git("rev-parse", "HEAD") or "unknown"
     dirty = bool(git_changes())
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
