@@ -29,7 +29,7 @@ class FindingRow:
     criterion: str
     value: float | None  # None: no stage computed the finding
     ci95: tuple[float, float] | None
-    ci_note: str  # why there is no interval
+    interval: str  # the CI as the README writes it: [lo, hi], or why there is none
     holds: bool | None  # None: reported without a target, or not computed
 
 
@@ -215,10 +215,7 @@ def _verdict(row: FindingRow) -> str:
 def _interval(row: FindingRow) -> str:
     if row.value is None:
         return "<td>—</td>"
-    if row.ci95 is None:
-        return f'<td class="note">none: {_e(row.ci_note)}</td>'
-    lo, hi = row.ci95
-    return f'<td class="ci">[{lo:.3f}, {hi:.3f}]</td>'
+    return f'<td class="{"note" if row.ci95 is None else "ci"}">{_e(row.interval)}</td>'
 
 
 def findings_html(rows: Sequence[FindingRow]) -> str:

@@ -256,10 +256,8 @@ def update_readme(
 
 def _finding_row(fid: str, f: Mapping[str, Any]) -> FindingRow:
     ci = None if f["ci95"] is None else (float(f["ci95"][0]), float(f["ci95"][1]))
-    note = str(f.get("ci95_note", "not computed"))
-    return FindingRow(
-        fid, str(f["statement"]), f["criterion"], float(f["value"]), ci, note, f["holds"]
-    )
+    value, interval = float(f["value"]), interval_text(f)
+    return FindingRow(fid, str(f["statement"]), f["criterion"], value, ci, interval, f["holds"])
 
 
 def finding_rows(report: Mapping[str, Any]) -> list[FindingRow]:
